@@ -1,0 +1,10 @@
+"""Triton kernels (``@triton.jit`` only). Import fails cleanly when Triton is not installed."""
+
+from .backward import flare_dx_kernel
+from .forward import flare_fwd_kernel
+from .lora import lora_down_kernel, lora_reduce_kernel
+
+# TRITON_INTERPRET is read when a kernel is decorated, so ask the kernel object what it became.
+INTERPRETED = type(flare_fwd_kernel).__name__ == "InterpretedFunction"
+
+__all__ = ["INTERPRETED", "flare_dx_kernel", "flare_fwd_kernel", "lora_down_kernel", "lora_reduce_kernel"]

@@ -1,0 +1,102 @@
+"""Input gradient of the FLARE-LoRA projection for the target rows (Triton jit only).
+
+One program computes a [BLOCK_M, BLOCK_K] tile of dX_t, looping over N::
+
+    acc = dY W                                   (W tile dequantized in registers, never stored)
+    LORA == 2 (fused dZ, per-token phi):
+        dz  = scaling * dY B                     (same N loop, r extra columns)
+        ds_t, ds_s = phi'(dz; s_s, s_t)          (per row; pid_k == 0 writes them for dA)
+    LORA == 1: ds_t loaded (sequence-level phi: computed by the launcher)
+    dX_t = acc + mask_t * keep_scale * (ds_t A)  (one accumulator: the LoRA term is its epilogue)
+
+Shapes: dY [M, N], W [N, K] NF4, A [R, K], B [N, R], s and ds [M, R] fp32, dX [M, K].
+"""
+
+import triton
+import triton.language as tl
+
+from .common import apply_keep_mask, to_dtype, fuse_bwd, grouped_tile, mma, nf4_tile
+
+
+@triton.jit
+def flare_dx_kernel(
+    dy_ptr, stride_dym, stride_dyn,
+    dx_ptr, stride_dxm, stride_dxk,
+    w_packed, w_absmax, w_code, w_nested_absmax, w_nested_code, w_nested_offset,
+    a_ptr, stride_ar, stride_ak,
+    b_ptr, stride_bn, stride_br,
+    st_ptr, ss_ptr, dst_ptr, dss_ptr, stride_sm,
+    mt_ptr, stride_mtm, stride_mtk,
+    keep_scale, scaling,
+    M, N, K, R,
+    LOG2_BS: tl.constexpr, NESTED: tl.constexpr, BLOCK_ALIGNED: tl.constexpr,
+    LORA: tl.constexpr, FUSION: tl.constexpr, NEED_SRC_S: tl.constexpr, DROPOUT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_valid = offs_m < M
+    k_valid = offs_k < K
+    r_valid = offs_r < R
+    k0 = pid_k * BLOCK_K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    dz = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < N
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=m_valid[:, None] & n_valid[None, :], other=0.0,
+        )
+        # W tile [BLOCK_N, BLOCK_K]
+        w = nf4_tile(
+            w_packed, w_absmax, w_code, w_nested_absmax, w_nested_code, w_nested_offset,
+            offs_n[:, None], offs_k[None, :], n_valid[:, None], n_valid[:, None] & k_valid[None, :], k0, K,
+            LOG2_BS, NESTED, BLOCK_ALIGNED,
+        )
+        w = to_dtype(w, dy.dtype, INTERPRET)
+        acc = mma(dy, w, acc, INTERPRET)
+        if LORA == 2:
+            b = tl.load(
+                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_valid[:, None] & r_valid[None, :], other=0.0,
+            )
+            b = to_dtype(b, dy.dtype, INTERPRET)
+            dz = mma(dy, b, dz, INTERPRET)
+
+    s_mask = m_valid[:, None] & r_valid[None, :]
+    s_offs = offs_m[:, None] * stride_sm + offs_r[None, :]
+    if LORA == 2:
+        s_t = tl.load(st_ptr + s_offs, mask=s_mask, other=0.0)
+        s_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if NEED_SRC_S:
+            s_s = tl.load(ss_ptr + s_offs, mask=s_mask, other=0.0)
+        ds_t, ds_s = fuse_bwd(dz * scaling, s_s, s_t, FUSION)
+        if pid_k == 0:
+            tl.store(dst_ptr + s_offs, ds_t, mask=s_mask)
+            if NEED_SRC_S:
+                tl.store(dss_ptr + s_offs, ds_s, mask=s_mask)
+    else:
+        ds_t = tl.load(dst_ptr + s_offs, mask=s_mask, other=0.0)
+    if LORA != 0:
+        # A tile [BLOCK_R, BLOCK_K]
+        a = tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+            mask=r_valid[:, None] & k_valid[None, :], other=0.0,
+        )
+        cdt = dx_ptr.dtype.element_ty
+        lora = mma(to_dtype(ds_t, cdt, INTERPRET), to_dtype(a, cdt, INTERPRET), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERPRET)
+        x_mask = m_valid[:, None] & k_valid[None, :]
+        if DROPOUT:
+            lora = apply_keep_mask(lora, mt_ptr, offs_m, offs_k, stride_mtm, stride_mtk, x_mask, keep_scale)
+        acc += lora
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+        to_dtype(acc, dx_ptr.dtype.element_ty, INTERPRET),
+        mask=m_valid[:, None] & k_valid[None, :],
+    )

@@ -1,0 +1,133 @@
+"""``FlareLinear4bit``: a bitsandbytes ``Linear4bit`` + PEFT LoRA replacement with FLARE fusion.
+
+One module, one fused op: ``y = x W0^T + b + scaling * phi(A drop(source), A drop(x)) B^T``
+(plain QLoRA when ``source`` is None). Parameter names follow PEFT (``lora_A.weight`` [r, in],
+``lora_B.weight`` [out, r]) so adapter state dicts carry over; the frozen NF4 weight is a
+buffer-only submodule (``weight.packed``, ``weight.absmax``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..format.nf4 import NF4Weight, quantize_nf4
+from ..ops.functional import flare_lora_linear
+from ..reference.fusion import FUSIONS
+from .cross_attention import CrossAttentionFusion
+
+
+class FlareLinear4bit(nn.Module):
+    """Frozen NF4 linear layer with a trainable (FLARE) LoRA adapter.
+
+    Args:
+        weight: the frozen base weight [out, in] (``NF4Weight``).
+        bias: optional frozen bias [out].
+        r, lora_alpha, lora_dropout: LoRA rank, alpha (scaling = alpha / r) and dropout on the
+            adapter's input (each stream draws its own mask; training mode only).
+        fusion: one of ``flare_kernels.FUSIONS``; used only when a source is passed to forward.
+        compute_dtype: dtype of the base product (bitsandbytes' ``compute_dtype``); None = x's.
+        adapter_dtype: dtype of the LoRA parameters (PEFT keeps them in fp32 for QLoRA).
+    """
+
+    def __init__(
+        self,
+        weight: NF4Weight,
+        bias: torch.Tensor | None = None,
+        *,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        fusion: str = "add_relu",
+        compute_dtype: torch.dtype | None = None,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must be [out_features] = [{self.out_features}], got shape {tuple(bias.shape)}")
+        device = weight.device
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r
+        self.lora_dropout = lora_dropout
+        self.fusion = fusion
+        self.compute_dtype = compute_dtype if compute_dtype is not None else weight.compute_dtype
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
+        self.fusion_module = (
+            CrossAttentionFusion(r, device=device, dtype=adapter_dtype) if fusion == "cross_attention" else None
+        )
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default LoRA init: A kaiming-uniform (a = sqrt(5)), B zeros (the adapter starts as a no-op)."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_bnb(cls, linear4bit: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                 fusion: str = "add_relu", **kwargs) -> "FlareLinear4bit":  # fmt: skip
+        """Wrap a quantized bitsandbytes ``Linear4bit`` (nf4), sharing its packed bytes.
+
+        Call it before the layer's first eval-mode forward on a CPU: bitsandbytes then repacks the
+        weight for its CPU kernel (see ``NF4Weight.from_bnb``).
+        """
+        weight = NF4Weight.from_bnb(linear4bit)
+        bias = getattr(linear4bit, "bias", None)
+        return cls(weight, None if bias is None else bias.data, r=r, lora_alpha=lora_alpha,
+                   lora_dropout=lora_dropout, fusion=fusion, **kwargs)  # fmt: skip
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                    fusion: str = "add_relu", *, blocksize: int = 64, double_quant: bool = True,
+                    **kwargs) -> "FlareLinear4bit":  # fmt: skip
+        """Quantize a dense ``nn.Linear`` to NF4 (bytes as bitsandbytes would write them) and wrap it."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        weight = quantize_nf4(linear.weight.data, blocksize=blocksize, double_quant=double_quant)
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(weight, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, fusion=fusion, **kwargs)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None, *, return_source_output: bool = False):
+        """x, source: [..., L, in]. Returns y [..., out], or (y, y_source) with return_source_output."""
+        params = self.fusion_module.params() if self.fusion_module is not None else ()
+        return flare_lora_linear(
+            x,
+            self.weight,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
+            source=source,
+            fusion=self.fusion,
+            bias=self.bias,
+            dropout_p=self.lora_dropout if self.training else 0.0,
+            return_source_output=return_source_output,
+            fusion_params=params,
+            compute_dtype=self.compute_dtype,
+        )
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trainable adapter tensors, keyed as in a PEFT adapter file (``lora_A.weight``, ...)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("lora_A.", "lora_B.", "fusion_module."))}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+            f"fusion={self.fusion!r}, bias={self.bias is not None}, compute_dtype={self.compute_dtype}"
+        )

@@ -1,0 +1,365 @@
+"""Launchers for the Triton kernels: pick tiles, allocate, launch; plus the torch glue between them.
+
+Inputs arrive validated and flattened by ``ops/functional.py``: x and source [M, K] (any strides),
+masks uint8/bool [M, K], A [R, K], B [N, R]. Rank-r intermediates are fp32 [M, R].
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Sequence
+
+import torch
+import triton
+
+from ..format.nf4 import NF4Tensors
+from ..kernels import INTERPRETED, flare_dx_kernel, flare_fwd_kernel, lora_down_kernel, lora_reduce_kernel
+from ..reference.fusion import FUSIONS, fuse, fuse_backward, is_per_token
+
+
+def _weight_pointers(w: NF4Tensors) -> tuple[torch.Tensor, ...]:
+    # Unused nested slots get a real tensor: the kernels never read them (NESTED is constexpr).
+    if w.nested:
+        return (w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.nested_offset)
+    return (w.packed, w.absmax, w.code, w.code, w.code, w.code)
+
+
+class Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Under the interpreter every tile costs NumPy time, and small tiles exercise the edge masks:
+# K = 192 runs one full and one partial 128-wide K block.
+_INTERPRETER_TILES = Tiles(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=1)
+GROUP_M = 8
+
+# Whether the forward computes the down-projection inside the base K loop (per-token fusions).
+# It costs r / BLOCK_N more FLOPs per tile; the separate pass costs one more read of x and a launch.
+# Default on (the separate pass's launch dominates at decode sizes); FLARE_KERNELS_FUSE_DOWN=0
+# selects the separate pass so the benchmarks can compare both.
+FUSE_DOWN_DEFAULT = os.environ.get("FLARE_KERNELS_FUSE_DOWN", "1") != "0"
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _gemm_tiles(rows: int, two_streams: bool) -> Tiles:
+    """Tiles for the two NF4 GEMMs (forward and dX), by rows per stream.
+
+    Heuristics for Hopper, to be replaced by the benchmark suite's measurements: small row counts
+    are bound by reading the 4-bit weights (narrow N tiles spread them over more SMs); large ones
+    by tensor-core throughput (128-wide tiles; half the rows per stream when both streams share a
+    program, so the two fp32 accumulators fit in registers).
+    """
+    if INTERPRETED:
+        return _INTERPRETER_TILES
+    if rows <= 16:
+        return Tiles(16, 64, 64, 4, 4)
+    if rows <= 64:
+        return Tiles(32 if two_streams else 64, 64, 64, 4, 4)
+    return Tiles(64 if two_streams else 128, 128, 64, 8, 3)
+
+
+def _launch_options(tiles: Tiles) -> dict:
+    # No fused multiply-add: the nested absmax must be code * scale + offset with two roundings,
+    # exactly as bitsandbytes computes it.
+    return dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, enable_fp_fusion=False)
+
+
+def _block_aligned(k: int, blocksize: int, block_k: int) -> bool:
+    return k % blocksize == 0 and blocksize % block_k == 0
+
+
+def _as_u8(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    return fallback if mask is None else mask.view(torch.uint8)
+
+
+def _strides(t: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+
+
+def _check_dtype(x: torch.Tensor) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"the Triton backend takes float16, bfloat16 or float32 activations, got {x.dtype}; "
+            "use FLARE_KERNELS_BACKEND=torch for other dtypes"
+        )
+
+
+def _keep_scale(p: float) -> float:
+    return 1.0 / (1.0 - p) if p > 0.0 else 1.0
+
+
+# ------------------------------------------------------------------------------------ skinny GEMMs
+def lora_down(
+    x0: torch.Tensor,
+    x1: torch.Tensor | None,
+    a: torch.Tensor,
+    *,
+    masks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    dropout_p: float = 0.0,
+    out_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """out_scale * drop(x) a^T for one or two [M, K] streams; ``a`` is [R, K] (any strides)."""
+    m, k = x0.shape
+    r = a.shape[0]
+    s0 = torch.empty((m, r), device=x0.device, dtype=torch.float32)
+    s1 = None if x1 is None else torch.empty_like(s0)
+    if m == 0:
+        return s0, s1
+    dropout = dropout_p > 0.0
+    mask0 = _as_u8(masks[0], s0.view(torch.uint8))
+    mask1 = _as_u8(masks[1], mask0)
+    x1_ = x0 if x1 is None else x1
+    block_m, block_k = (16, 128) if INTERPRETED else (64, 128)
+    grid = (triton.cdiv(m, block_m), 1 if x1 is None else 2)
+    lora_down_kernel[grid](
+        x0, *_strides(x0), x1_, *_strides(x1_),
+        mask0, *_strides(mask0), mask1, *_strides(mask1),
+        a, a.stride(0), a.stride(1),
+        s0, s0 if s1 is None else s1, s0.stride(0),
+        _keep_scale(dropout_p), out_scale, m, k, r,
+        DROPOUT=dropout, INTERPRET=INTERPRETED,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(r),
+        num_warps=4,
+    )
+    return s0, s1
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def lora_reduce(
+    l0: torch.Tensor,
+    x0: torch.Tensor,
+    l1: torch.Tensor | None = None,
+    x1: torch.Tensor | None = None,
+    *,
+    masks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """sum over rows of l^T drop(x) for one or two streams: [R, C] fp32 (l fp32 [M, R], x [M, C])."""
+    m, c = x0.shape
+    r = l0.shape[1]
+    if m == 0:
+        return torch.zeros((r, c), device=x0.device, dtype=torch.float32)
+    block_m, block_c = (16, 32) if INTERPRETED else (64, 128)
+    tiles_c = triton.cdiv(c, block_c)
+    # Enough row splits to give every SM a few programs; each split writes its own partial sum,
+    # so the result does not depend on scheduling (no atomics).
+    splits = max(1, min(triton.cdiv(m, block_m), triton.cdiv(4 * _num_sms(x0.device), tiles_c)))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    splits = triton.cdiv(m, rows_per_split)
+    partial = torch.empty((splits, r, c), device=x0.device, dtype=torch.float32)
+    dropout = dropout_p > 0.0
+    mask0 = _as_u8(masks[0], partial.view(torch.uint8))
+    mask1 = _as_u8(masks[1], mask0)
+    two = x1 is not None
+    x1_, l1_ = (x1, l1) if two else (x0, l0)
+    lora_reduce_kernel[(tiles_c, splits)](
+        l0, l1_, l0.stride(0),
+        x0, *_strides(x0), x1_, *_strides(x1_),
+        mask0, *_strides(mask0), mask1, *_strides(mask1),
+        partial, partial.stride(0), partial.stride(1),
+        _keep_scale(dropout_p), m, c, r, rows_per_split,
+        TWO_STREAMS=two, DROPOUT=dropout, INTERPRET=INTERPRETED,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=_block_r(r),
+        num_warps=4,
+    )
+    return partial.sum(dim=0)
+
+
+# ------------------------------------------------------------------------------------ fusion glue
+def _sequence_fuse(
+    s_s: torch.Tensor, s_t: torch.Tensor, fusion: str, params: Sequence[torch.Tensor], seq_len: int
+) -> torch.Tensor:
+    m, r = s_t.shape
+    shape = (m // seq_len, seq_len, r)
+    z = fuse(s_s.view(shape), s_t.view(shape), fusion, [p.float() for p in params])
+    return z.reshape(m, r)
+
+
+def _fusion_plan(fusion: str, has_source: bool) -> tuple[str, bool]:
+    """(effective fusion, whether it reads the source stream's s)."""
+    if not has_source or fusion == "none":
+        return "none", False
+    return fusion, True
+
+
+# ------------------------------------------------------------------------------------ forward
+def forward(
+    x: torch.Tensor,
+    source: torch.Tensor | None,
+    w: NF4Tensors,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    fusion: str,
+    params: Sequence[torch.Tensor],
+    dropout_p: float,
+    masks: tuple[torch.Tensor | None, torch.Tensor | None],
+    seq_len: int,
+    source_out: bool,
+    fuse_down: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(y_t [M, N], y_s [M, N] or None, s_t [M, R] fp32, s_s [M, R] fp32 or None)."""
+    _check_dtype(x)
+    m, k = x.shape
+    n, r = w.out_features, lora_A.shape[0]
+    fusion, need_src_s = _fusion_plan(fusion, source is not None)
+    source_out = source_out and source is not None
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y_s = torch.empty((m, n), device=x.device, dtype=x.dtype) if source_out else None
+    s_t = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    s_s = torch.empty_like(s_t) if need_src_s else None
+    if m == 0:
+        return y, y_s, s_t, s_s
+    per_token = is_per_token(fusion)
+    fuse_down = (FUSE_DOWN_DEFAULT if fuse_down is None else fuse_down) and per_token
+    dropout = dropout_p > 0.0
+    z = None
+    if not fuse_down:
+        s_t, s_ss = lora_down(x, source if need_src_s else None, lora_A, masks=masks, dropout_p=dropout_p)
+        s_s = s_ss if need_src_s else None
+        if not per_token:
+            z = _sequence_fuse(s_s, s_t, fusion, params, seq_len)
+
+    tiles = _gemm_tiles(m, two_streams=source_out)
+    mask_t = _as_u8(masks[0], s_t.view(torch.uint8))
+    mask_s = _as_u8(masks[1], mask_t)
+    xs = source if source is not None else x
+    grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
+    flare_fwd_kernel[grid](
+        x, *_strides(x), xs, *_strides(xs),
+        y, *_strides(y), y if y_s is None else y_s, *_strides(y),
+        *_weight_pointers(w), y if bias is None else bias,
+        lora_A, lora_A.stride(0), lora_A.stride(1),
+        lora_B, lora_B.stride(0), lora_B.stride(1),
+        s_t if z is None else z, s_t if s_s is None else s_s, r,
+        mask_t, *_strides(mask_t), mask_s, *_strides(mask_s),
+        _keep_scale(dropout_p), scaling,
+        m, n, k, r,
+        LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
+        BLOCK_ALIGNED=_block_aligned(k, w.blocksize, tiles.block_k),
+        HAS_BIAS=bias is not None, SOURCE_OUT=source_out,
+        LORA=2 if fuse_down else 1, FUSION=FUSIONS.index(fusion) if z is None else 0,
+        NEED_SRC_S=need_src_s and z is None, DROPOUT=dropout and fuse_down,
+        INTERPRET=INTERPRETED,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
+        GROUP_M=GROUP_M,
+        **_launch_options(tiles),
+    )
+    return y, y_s, s_t, s_s
+
+
+# ------------------------------------------------------------------------------------ backward
+class Grads(NamedTuple):
+    dx: torch.Tensor | None
+    d_lora_A: torch.Tensor | None
+    d_lora_B: torch.Tensor | None
+    d_params: list[torch.Tensor]
+
+
+def backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    source: torch.Tensor | None,
+    w: NF4Tensors,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    fusion: str,
+    params: Sequence[torch.Tensor],
+    dropout_p: float,
+    masks: tuple[torch.Tensor | None, torch.Tensor | None],
+    s_t: torch.Tensor,
+    s_s: torch.Tensor | None,
+    seq_len: int,
+    needs: tuple[bool, bool, bool, bool],
+) -> Grads:
+    """Gradients for x (target rows), A, B and the fusion parameters; none for source or W."""
+    _check_dtype(x)
+    need_dx, need_da, need_db, need_dparams = needs
+    m, k = x.shape
+    n, r = w.out_features, lora_A.shape[0]
+    fusion, need_src_s = _fusion_plan(fusion, source is not None)
+    per_token = is_per_token(fusion)
+    dropout = dropout_p > 0.0
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+
+    if m == 0:
+        zeros = torch.zeros
+        return Grads(
+            torch.empty((0, k), device=x.device, dtype=x.dtype) if need_dx else None,
+            zeros(lora_A.shape, device=x.device, dtype=lora_A.dtype) if need_da else None,
+            zeros(lora_B.shape, device=x.device, dtype=lora_B.dtype) if need_db else None,
+            [torch.zeros_like(p) for p in params] if need_dparams else [],
+        )
+    # Per-token phi with dX wanted: dZ = dY B and phi' ride along in the dX kernel's N loop.
+    # Otherwise dZ comes from a skinny pass and phi' from torch autograd on the reference phi
+    # (sequence-level phi mixes rows, so it needs all of dZ first).
+    fused_dz = per_token and need_dx
+    ds_t = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    ds_s = torch.empty_like(ds_t) if need_src_s else None
+    d_params: list[torch.Tensor] = []
+    if fused_dz:
+        z = s_t if fusion == "none" else fuse(s_s, s_t, fusion)
+    else:
+        dz, _ = lora_down(dy, None, lora_B.t(), out_scale=scaling)
+        if per_token:
+            z = fuse(s_s, s_t, fusion)
+            g_s, g_t, d_params = fuse_backward(dz, s_s, s_t, fusion)
+        else:
+            shape = (m // seq_len, seq_len, r)
+            params32 = [p.float() for p in params]
+            z = _sequence_fuse(s_s, s_t, fusion, params32, seq_len)
+            g_s, g_t, d_params = fuse_backward(dz.view(shape), s_s.view(shape), s_t.view(shape), fusion, params32)
+            d_params = [g.to(p.dtype) for g, p in zip(d_params, params)]
+        ds_t.copy_(g_t.reshape(m, r))
+        if need_src_s:
+            ds_s.copy_(g_s.reshape(m, r))
+
+    dx = None
+    if need_dx:
+        dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
+        tiles = _gemm_tiles(m, two_streams=False)
+        mask_t = _as_u8(masks[0], ds_t.view(torch.uint8))
+        # The dX tile is [BLOCK_M, BLOCK_K]; the N loop steps by BLOCK_N.
+        grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(k, tiles.block_k),)
+        flare_dx_kernel[grid](
+            dy, *_strides(dy), dx, *_strides(dx),
+            *_weight_pointers(w),
+            lora_A, lora_A.stride(0), lora_A.stride(1),
+            lora_B, lora_B.stride(0), lora_B.stride(1),
+            s_t, s_t if s_s is None else s_s, ds_t, ds_t if ds_s is None else ds_s, r,
+            mask_t, *_strides(mask_t),
+            _keep_scale(dropout_p), scaling,
+            m, n, k, r,
+            LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
+            BLOCK_ALIGNED=_block_aligned(k, w.blocksize, tiles.block_k),
+            LORA=2 if fused_dz else 1, FUSION=FUSIONS.index(fusion) if fused_dz else 0,
+            NEED_SRC_S=need_src_s and fused_dz, DROPOUT=dropout,
+            INTERPRET=INTERPRETED,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
+            GROUP_M=GROUP_M,
+            **_launch_options(tiles),
+        )
+
+    d_a = d_b = None
+    if need_da:
+        d_a = lora_reduce(
+            ds_t, x, ds_s, source if need_src_s else None, masks=masks, dropout_p=dropout_p
+        ).to(lora_A.dtype)
+    if need_db:
+        d_b = (lora_reduce(z.float(), dy).t() * scaling).to(lora_B.dtype)
+    return Grads(dx, d_a, d_b, d_params)

@@ -32,5 +32,6 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={"train": TRAIN, "test": TEST + TRAIN, "bench": BENCH + TRAIN, "all": TEST + TRAIN + BENCH},
+    entry_points={"console_scripts": ["flare=flare.cli:main"]},
     license="Apache-2.0",
 )

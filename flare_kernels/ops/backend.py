@@ -1,9 +1,10 @@
-"""Which implementation runs an op: ``FLARE_KERNELS_BACKEND`` = auto | triton | torch.
+"""Which implementation runs an op: ``FLARE_KERNELS_BACKEND`` = auto | triton | cpu | torch.
 
 * ``triton``: the fused kernels; CUDA tensors, or CPU tensors when Triton's interpreter is on
   (``TRITON_INTERPRET=1`` set before ``flare_kernels`` is imported).
+* ``cpu``: the native C++ kernels (``flare_kernels._C``), CPU tensors, when built.
 * ``torch``: the pure-PyTorch reference (any device).
-* ``auto`` (default): Triton on CUDA, the fastest available path elsewhere (the reference).
+* ``auto`` (default): Triton on CUDA; on CPU the native kernels when built, else the reference.
 
 The setting is read from the environment at import; ``set_backend`` / ``use_backend`` change it
 at run time. ``last_backend()`` names the implementation that ran the most recent op call.
@@ -16,7 +17,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu", "torch")
 
 try:
     from ..kernels import INTERPRETED as TRITON_INTERPRETED
@@ -70,13 +71,30 @@ def record(name: str) -> None:
     _last = name
 
 
+def native_available() -> bool:
+    from .. import native
+
+    return native.available()
+
+
 def resolve(device: torch.device) -> str:
     """The backend that will run for tensors on ``device``; raises if the request cannot be met."""
     if _requested == "torch":
         return "torch"
-    triton_ok = TRITON_AVAILABLE and (device.type == "cuda" or TRITON_INTERPRETED)
     if _requested == "auto":
-        return "triton" if TRITON_AVAILABLE and device.type == "cuda" else "torch"
+        if device.type == "cuda" and TRITON_AVAILABLE:
+            return "triton"
+        return "cpu" if device.type == "cpu" and native_available() else "torch"
+    if _requested == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"FLARE_KERNELS_BACKEND=cpu runs CPU tensors only, got tensors on {device}")
+        if not native_available():
+            raise RuntimeError(
+                "FLARE_KERNELS_BACKEND=cpu but the native extension flare_kernels._C is not built "
+                "(reinstall with a C++ compiler and CMake present: pip install -e . --no-build-isolation)"
+            )
+        return "cpu"
+    triton_ok = TRITON_AVAILABLE and (device.type == "cuda" or TRITON_INTERPRETED)
     if not TRITON_AVAILABLE:
         raise RuntimeError(f"FLARE_KERNELS_BACKEND=triton but Triton cannot be imported: {_TRITON_IMPORT_ERROR}")
     if not triton_ok:

@@ -39,6 +39,17 @@ def _seq_view(t: Tensor | None, seq_len: int) -> Tensor | None:
     return None if t is None else t.reshape(-1, seq_len, t.shape[-1])
 
 
+def _launcher(name: str):
+    """The module with ``forward`` / ``backward`` for a kernel backend."""
+    if name == "cpu":
+        from .. import native
+
+        return native
+    from . import launch
+
+    return launch
+
+
 # ------------------------------------------------------------------------------ forward
 @torch.library.custom_op("flare_kernels::flare_lora_fwd", mutates_args=())
 def flare_lora_fwd(
@@ -68,9 +79,8 @@ def flare_lora_fwd(
     name = backend.resolve(x.device)
     backend.record(name)
     acc = intermediate_dtype(x, lora_A)
-    if name == "triton":
-        from . import launch
-
+    if name in ("triton", "cpu"):
+        launch = _launcher(name)
         y, y_s, s_t, s_s = launch.forward(
             x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_params,
             dropout_p, (mask_t, mask_s), seq_len, source_out,
@@ -140,9 +150,8 @@ def flare_lora_bwd(
     name = backend.resolve(x.device)
     backend.record(name)
     needs = (need_dx, need_da, need_db, need_dparams)
-    if name == "triton":
-        from . import launch
-
+    if name in ("triton", "cpu"):
+        launch = _launcher(name)
         s_src = s_s if needs_source_s(fusion, source) else None
         g = launch.backward(
             dy, x, source, w, lora_A, lora_B, scaling, fusion, fusion_params,

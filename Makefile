@@ -1,0 +1,33 @@
+# Two commands for a newcomer (see README):  make run   and   make test
+# Both create .venv on first use. torch is installed only if the venv lacks it; the pinned
+# default (2.13.0) is the CPU build on CPU-only machines, so no CUDA wheels are pulled there.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: setup.py pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH)"
+	# --no-build-isolation: build against the torch installed above, never a fresh unpinned one.
+	$(BIN)/python -m pip install --no-build-isolation -e ".[all]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/python -m benchmarks.demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -23,6 +23,7 @@ class Case:
     bias: bool = True
     dropout: float = 0.0
     dtype: torch.dtype = torch.float32
+    adapter: torch.dtype | None = None  # LoRA parameters' dtype; None = the activations'
     blocksize: int = 64
     double_quant: bool = True
     seq: int = 1
@@ -35,6 +36,8 @@ class Case:
             f"p{self.dropout:g}", str(self.dtype).removeprefix("torch."), f"bs{self.blocksize}",
             "dq" if self.double_quant else "plain",
         ]  # fmt: skip
+        if self.adapter is not None:
+            parts.append("adapter-" + str(self.adapter).removeprefix("torch."))
         if self.seq > 1:
             parts.append(f"L{self.seq}")
         return "-".join(parts)
@@ -94,15 +97,17 @@ class Result:
 
 
 def run(problem: Problem, backend: str, dtype: torch.dtype, adapter_dtype: torch.dtype | None = None, *,
-        inputs_from: torch.dtype | None = None, **kwargs) -> Result:  # fmt: skip
+        inputs_from: torch.dtype | None = None, adapter_inputs_from: torch.dtype | None = None,
+        **kwargs) -> Result:  # fmt: skip
     """Forward and backward (with the problem's dy) on ``backend``; activations in ``dtype``.
 
-    ``inputs_from``: round every input to this dtype first (the float64 reference takes the
-    low-precision run's inputs, so that only the computation's error is compared).
+    ``inputs_from`` / ``adapter_inputs_from``: round the activations / adapter tensors to these
+    dtypes first (the float64 reference takes the low-precision run's inputs, so that only the
+    computation's error is compared).
     """
     adapter_dtype = adapter_dtype or dtype
     first = inputs_from or dtype
-    first_adapter = inputs_from or adapter_dtype
+    first_adapter = adapter_inputs_from or inputs_from or adapter_dtype
 
     def act(t):
         return t.to(first).to(dtype, copy=True)

@@ -40,14 +40,18 @@ CASES = [
     # activation dtypes
     *[dataclasses.replace(BASE, dtype=dt, fusion=f) for dt in (torch.bfloat16, torch.float16) for f in ("add_relu", "mul", "cross_attention")],
     dataclasses.replace(BASE, dtype=torch.bfloat16, m=65, r=16, dropout=0.1, fusion="add"),
+    # fp32 adapters over 16-bit activations (PEFT's QLoRA default): LoRA products in fp32
+    *[dataclasses.replace(BASE, dtype=dt, adapter=torch.float32, fusion=f, dropout=p)
+      for dt in (torch.bfloat16, torch.float16) for f, p in (("add_relu", 0.0), ("cross_attention", 0.0), ("mul", 0.2))],
+    dataclasses.replace(BASE, dtype=torch.bfloat16, adapter=torch.float32, source=False),
 ]
 
 
 def check_against_reference(case: Case, device, **kwargs):
     problem = make_problem(case, device)
-    out = run(problem, "triton", case.dtype, **kwargs)
-    low = run(problem, "torch", case.dtype)
-    ref = run(problem, "torch", torch.float64, inputs_from=case.dtype)
+    out = run(problem, "triton", case.dtype, case.adapter, **kwargs)
+    low = run(problem, "torch", case.dtype, case.adapter)
+    ref = run(problem, "torch", torch.float64, inputs_from=case.dtype, adapter_inputs_from=case.adapter or case.dtype)
     assert_tolerance(out.y, ref.y, low.y, "y")
     if case.source:
         assert_tolerance(out.y_source, ref.y_source, low.y_source, "y_source")

@@ -15,7 +15,7 @@ Shapes: dY [M, N], W [N, K] NF4, A [R, K], B [N, R], s and ds [M, R] fp32, dX [M
 import triton
 import triton.language as tl
 
-from .common import apply_keep_mask, to_dtype, fuse_bwd, grouped_tile, mma, nf4_tile
+from .common import apply_keep_mask, fuse_bwd, grouped_tile, lora_mma, mma, nf4_tile, to_dtype
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def flare_dx_kernel(
     M, N, K, R,
     LOG2_BS: tl.constexpr, NESTED: tl.constexpr, BLOCK_ALIGNED: tl.constexpr,
     LORA: tl.constexpr, FUSION: tl.constexpr, NEED_SRC_S: tl.constexpr, DROPOUT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -66,12 +66,12 @@ def flare_dx_kernel(
                 b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                 mask=n_valid[:, None] & r_valid[None, :], other=0.0,
             )
-            b = to_dtype(b, dy.dtype, INTERPRET)
-            dz = mma(dy, b, dz, INTERPRET)
+            dz = lora_mma(dy, b, dz, LORA_DTYPE, INTERPRET)
 
     s_mask = m_valid[:, None] & r_valid[None, :]
     s_offs = offs_m[:, None] * stride_sm + offs_r[None, :]
     if LORA == 2:
+        dz = tl.where(s_mask, dz, 0.0)  # padded rank columns: Inf in dY times zero-padded B gives NaN
         s_t = tl.load(st_ptr + s_offs, mask=s_mask, other=0.0)
         s_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         if NEED_SRC_S:
@@ -89,8 +89,7 @@ def flare_dx_kernel(
             a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
             mask=r_valid[:, None] & k_valid[None, :], other=0.0,
         )
-        cdt = dx_ptr.dtype.element_ty
-        lora = mma(to_dtype(ds_t, cdt, INTERPRET), to_dtype(a, cdt, INTERPRET), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERPRET)
+        lora = lora_mma(ds_t, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), LORA_DTYPE, INTERPRET)
         x_mask = m_valid[:, None] & k_valid[None, :]
         if DROPOUT:
             lora = apply_keep_mask(lora, mt_ptr, offs_m, offs_k, stride_mtm, stride_mtk, x_mask, keep_scale)

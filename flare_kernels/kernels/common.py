@@ -80,6 +80,22 @@ def mma(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def lora_mma(a, b, acc, LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b for a LoRA-branch product, in the adapter's precision (as PEFT computes it).
+
+    16-bit adapters: both operands rounded to that dtype, tensor-core dot. fp32 adapters: fp32
+    products, on the GPU as 3xTF32 (about fp32 accuracy on tensor cores, 3 TF32 dots; the
+    launchers keep such products out of the base GEMM's inner loop, where they would cost more
+    than the base tile itself).
+    """
+    if LORA_DTYPE == tl.float32:
+        if INTERPRET:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    return mma(to_dtype(a, LORA_DTYPE, INTERPRET), to_dtype(b, LORA_DTYPE, INTERPRET), acc, INTERPRET)
+
+
+@triton.jit
 def fuse_fwd(s_src, s_tgt, FUSION: tl.constexpr):
     """Per-token phi(s, t) on fp32 [BLOCK_M, BLOCK_R] tiles."""
     if FUSION == FUSION_ADD:

@@ -17,7 +17,7 @@ Shapes: x [M, K] (strided), W [N, K] NF4, A [R, K], B [N, R], s [M, R] fp32, y [
 import triton
 import triton.language as tl
 
-from .common import apply_keep_mask, to_dtype, fuse_fwd, grouped_tile, mma, nf4_tile
+from .common import apply_keep_mask, fuse_fwd, grouped_tile, lora_mma, mma, nf4_tile, to_dtype
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def flare_fwd_kernel(
     LOG2_BS: tl.constexpr, NESTED: tl.constexpr, BLOCK_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOURCE_OUT: tl.constexpr,
     LORA: tl.constexpr, FUSION: tl.constexpr, NEED_SRC_S: tl.constexpr, DROPOUT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -81,22 +81,22 @@ def flare_fwd_kernel(
                 a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                 mask=r_valid[None, :] & k_valid[:, None], other=0.0,
             )
-            a = to_dtype(a, xt.dtype, INTERPRET)
             xt_l = xt
             if DROPOUT:
                 xt_l = apply_keep_mask(xt.to(tl.float32), mt_ptr, offs_m, offs_k, stride_mtm, stride_mtk, x_mask, keep_scale)
-                xt_l = to_dtype(xt_l, xt.dtype, INTERPRET)
-            s_t = mma(xt_l, a, s_t, INTERPRET)
+            s_t = lora_mma(xt_l, a, s_t, LORA_DTYPE, INTERPRET)
             if NEED_SRC_S:
                 xs_l = xs
                 if DROPOUT:
                     xs_l = apply_keep_mask(xs.to(tl.float32), ms_ptr, offs_m, offs_k, stride_msm, stride_msk, x_mask, keep_scale)
-                    xs_l = to_dtype(xs_l, xs.dtype, INTERPRET)
-                s_s = mma(xs_l, a, s_s, INTERPRET)
+                s_s = lora_mma(xs_l, a, s_s, LORA_DTYPE, INTERPRET)
 
     s_mask = m_valid[:, None] & r_valid[None, :]
     s_offs = offs_m[:, None] * stride_sm + offs_r[None, :]
     if LORA == 2:
+        # Rank columns past R met zero-padded A rows: an Inf in x made them NaN, not 0.
+        s_t = tl.where(s_mask, s_t, 0.0)
+        s_s = tl.where(s_mask, s_s, 0.0)
         if pid_n == 0:
             tl.store(st_ptr + s_offs, s_t, mask=s_mask)
             if NEED_SRC_S:
@@ -112,8 +112,7 @@ def flare_fwd_kernel(
             b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
             mask=n_valid[None, :] & r_valid[:, None], other=0.0,
         )
-        cdt = yt_ptr.dtype.element_ty
-        up = mma(to_dtype(z, cdt, INTERPRET), to_dtype(b, cdt, INTERPRET), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET)
+        up = lora_mma(z, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LORA_DTYPE, INTERPRET)
         acc_t += up * scaling
 
     if HAS_BIAS:

@@ -11,7 +11,7 @@
 import triton
 import triton.language as tl
 
-from .common import apply_keep_mask, to_dtype, mma
+from .common import apply_keep_mask, lora_mma
 
 
 @triton.jit
@@ -24,7 +24,7 @@ def lora_down_kernel(
     s0_ptr, s1_ptr, stride_sm,
     keep_scale, out_scale,
     M, K, R,
-    DROPOUT: tl.constexpr, INTERPRET: tl.constexpr,
+    DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -47,14 +47,13 @@ def lora_down_kernel(
         x_mask = m_valid[:, None] & k_valid[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
         if DROPOUT:
-            x = to_dtype(apply_keep_mask(x.to(tl.float32), mask_ptr, offs_m, offs_k, stride_mm, stride_mk, x_mask, keep_scale), x.dtype, INTERPRET)
+            x = apply_keep_mask(x.to(tl.float32), mask_ptr, offs_m, offs_k, stride_mm, stride_mk, x_mask, keep_scale)
         # A^T tile [BLOCK_K, BLOCK_R]
         a = tl.load(
             a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
             mask=r_valid[None, :] & k_valid[:, None], other=0.0,
         )
-        a = to_dtype(a, x.dtype, INTERPRET)
-        acc = mma(x, a, acc, INTERPRET)
+        acc = lora_mma(x, a, acc, LORA_DTYPE, INTERPRET)
     tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :], acc * out_scale, mask=m_valid[:, None] & r_valid[None, :])
 
 
@@ -68,7 +67,7 @@ def lora_reduce_kernel(
     p_ptr, stride_ps, stride_pr,
     keep_scale,
     M, C, R, rows_per_split,
-    TWO_STREAMS: tl.constexpr, DROPOUT: tl.constexpr, INTERPRET: tl.constexpr,
+    TWO_STREAMS: tl.constexpr, DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -88,15 +87,15 @@ def lora_reduce_kernel(
         l_mask = m_valid[None, :] & r_valid[:, None]
         x = tl.load(x0_ptr + offs_m[:, None] * stride_x0m + offs_c[None, :] * stride_x0c, mask=x_mask, other=0.0)
         if DROPOUT:
-            x = to_dtype(apply_keep_mask(x.to(tl.float32), m0_ptr, offs_m, offs_c, stride_m0m, stride_m0c, x_mask, keep_scale), x.dtype, INTERPRET)
-        lt = to_dtype(tl.load(l0_ptr + l_offs, mask=l_mask, other=0.0), x.dtype, INTERPRET)
-        acc = mma(lt, x, acc, INTERPRET)
+            x = apply_keep_mask(x.to(tl.float32), m0_ptr, offs_m, offs_c, stride_m0m, stride_m0c, x_mask, keep_scale)
+        lt = tl.load(l0_ptr + l_offs, mask=l_mask, other=0.0)
+        acc = lora_mma(lt, x, acc, LORA_DTYPE, INTERPRET)
         if TWO_STREAMS:
             x = tl.load(x1_ptr + offs_m[:, None] * stride_x1m + offs_c[None, :] * stride_x1c, mask=x_mask, other=0.0)
             if DROPOUT:
-                x = to_dtype(apply_keep_mask(x.to(tl.float32), m1_ptr, offs_m, offs_c, stride_m1m, stride_m1c, x_mask, keep_scale), x.dtype, INTERPRET)
-            lt = to_dtype(tl.load(l1_ptr + l_offs, mask=l_mask, other=0.0), x.dtype, INTERPRET)
-            acc = mma(lt, x, acc, INTERPRET)
+                x = apply_keep_mask(x.to(tl.float32), m1_ptr, offs_m, offs_c, stride_m1m, stride_m1c, x_mask, keep_scale)
+            lt = tl.load(l1_ptr + l_offs, mask=l_mask, other=0.0)
+            acc = lora_mma(lt, x, acc, LORA_DTYPE, INTERPRET)
     tl.store(
         p_ptr + pid_s * stride_ps + offs_r[:, None] * stride_pr + offs_c[None, :],
         acc,

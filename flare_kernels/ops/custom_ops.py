@@ -75,7 +75,17 @@ def flare_lora_fwd(
     seq_len: int,
     source_out: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    w = NF4Tensors(packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features, x.shape[1], blocksize)
+    with torch.autocast(x.device.type, enabled=False):
+        return _forward_impl(
+            x, source, NF4Tensors(packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features,
+                                  x.shape[1], blocksize),
+            bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s, seq_len, source_out,
+        )  # fmt: skip
+
+
+def _forward_impl(x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
+                  seq_len, source_out):  # fmt: skip
+    out_features = w.out_features
     name = backend.resolve(x.device)
     backend.record(name)
     acc = intermediate_dtype(x, lora_A)
@@ -97,11 +107,12 @@ def flare_lora_fwd(
         y_s = None if out.y_source is None else out.y_source.reshape(m, n)
         s_t = out.s_target.reshape(m, r)
         s_s = out.s_source.reshape(m, r) if needs_source_s(fusion, source) else None
+    # Outputs are contiguous whatever the backend computed, as the fake implementation promises.
     return (
-        y,
-        _empty(x) if y_s is None else y_s,
-        s_t.to(acc),
-        _empty(x, acc) if s_s is None else s_s.to(acc),
+        y.contiguous(),
+        _empty(x) if y_s is None else y_s.contiguous(),
+        s_t.to(acc).contiguous(),
+        _empty(x, acc) if s_s is None else s_s.to(acc).contiguous(),
     )
 
 
@@ -147,6 +158,13 @@ def flare_lora_bwd(
     need_dparams: bool,
 ) -> list[Tensor]:
     w = NF4Tensors(packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features, x.shape[1], blocksize)
+    with torch.autocast(x.device.type, enabled=False):
+        return _backward_impl(dy, x, source, w, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p,
+                              mask_t, mask_s, s_t, s_s, seq_len, need_dx, need_da, need_db, need_dparams)  # fmt: skip
+
+
+def _backward_impl(dy, x, source, w, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
+                   s_t, s_s, seq_len, need_dx, need_da, need_db, need_dparams):  # fmt: skip
     name = backend.resolve(x.device)
     backend.record(name)
     needs = (need_dx, need_da, need_db, need_dparams)
@@ -172,10 +190,10 @@ def flare_lora_bwd(
         db = g.d_lora_B.to(lora_B.dtype) if need_db else None
         dparams = g.d_fusion_params
     return [
-        _empty(x) if dx is None else dx,
-        _empty(lora_A) if da is None else da,
-        _empty(lora_B) if db is None else db,
-        *(dparams if need_dparams else []),
+        _empty(x) if dx is None else dx.contiguous(),
+        _empty(lora_A) if da is None else da.contiguous(),
+        _empty(lora_B) if db is None else db.contiguous(),
+        *([p.contiguous() for p in dparams] if need_dparams else []),
     ]
 
 

@@ -142,6 +142,13 @@ def flare_lora_linear(
               dropout_mask, source_dropout_mask)  # fmt: skip
     if source is None:
         fusion_params = ()
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As PEFT under autocast: the adapter's products run in the autocast dtype. (The ops
+        # themselves run with autocast off; the casts here carry gradients back to fp32 params.)
+        adt = torch.get_autocast_dtype(device_type)
+        lora_A, lora_B = lora_A.to(adt), lora_B.to(adt)
+        fusion_params = tuple(p.to(adt) for p in fusion_params)
     if dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)

@@ -12,6 +12,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 import triton
+import triton.language as tl
 
 from ..format.nf4 import NF4Tensors
 from ..kernels import INTERPRETED, flare_dx_kernel, flare_fwd_kernel, lora_down_kernel, lora_reduce_kernel
@@ -43,6 +44,14 @@ GROUP_M = 8
 # Default on (the separate pass's launch dominates at decode sizes); FLARE_KERNELS_FUSE_DOWN=0
 # selects the separate pass so the benchmarks can compare both.
 FUSE_DOWN_DEFAULT = os.environ.get("FLARE_KERNELS_FUSE_DOWN", "1") != "0"
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _lora_dtype(t: torch.Tensor):
+    """The precision of the LoRA-branch products: the adapter's dtype (PEFT computes in it)."""
+    return _TL_DTYPES[t.dtype]
 
 
 def _block_r(r: int) -> int:
@@ -106,7 +115,8 @@ def lora_down(
     dropout_p: float = 0.0,
     out_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """out_scale * drop(x) a^T for one or two [M, K] streams; ``a`` is [R, K] (any strides)."""
+    """out_scale * drop(x) a^T for one or two [M, K] streams; ``a`` is [R, K] (any strides), an
+    adapter tensor whose dtype sets the products' precision."""
     m, k = x0.shape
     r = a.shape[0]
     s0 = torch.empty((m, r), device=x0.device, dtype=torch.float32)
@@ -125,7 +135,7 @@ def lora_down(
         a, a.stride(0), a.stride(1),
         s0, s0 if s1 is None else s1, s0.stride(0),
         _keep_scale(dropout_p), out_scale, m, k, r,
-        DROPOUT=dropout, INTERPRET=INTERPRETED,
+        DROPOUT=dropout, LORA_DTYPE=_lora_dtype(a), INTERPRET=INTERPRETED,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(r),
         num_warps=4,
     )
@@ -146,8 +156,10 @@ def lora_reduce(
     *,
     masks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     dropout_p: float = 0.0,
+    lora_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """sum over rows of l^T drop(x) for one or two streams: [R, C] fp32 (l fp32 [M, R], x [M, C])."""
+    """sum over rows of l^T drop(x) for one or two streams: [R, C] fp32 (l fp32 [M, R], x [M, C]);
+    products in ``lora_dtype`` (the adapter's)."""
     m, c = x0.shape
     r = l0.shape[1]
     if m == 0:
@@ -171,7 +183,7 @@ def lora_reduce(
         mask0, *_strides(mask0), mask1, *_strides(mask1),
         partial, partial.stride(0), partial.stride(1),
         _keep_scale(dropout_p), m, c, r, rows_per_split,
-        TWO_STREAMS=two, DROPOUT=dropout, INTERPRET=INTERPRETED,
+        TWO_STREAMS=two, DROPOUT=dropout, LORA_DTYPE=_TL_DTYPES[lora_dtype], INTERPRET=INTERPRETED,
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=_block_r(r),
         num_warps=4,
     )
@@ -225,7 +237,10 @@ def forward(
     if m == 0:
         return y, y_s, s_t, s_s
     per_token = is_per_token(fusion)
-    fuse_down = (FUSE_DOWN_DEFAULT if fuse_down is None else fuse_down) and per_token
+    # In the base K loop the down-projection must be as cheap as the base tile's dot: same dtype
+    # (an fp32 adapter against 16-bit activations runs its fp32 products in their own pass).
+    same_precision = lora_A.dtype == x.dtype
+    fuse_down = (FUSE_DOWN_DEFAULT if fuse_down is None else fuse_down) and per_token and same_precision
     dropout = dropout_p > 0.0
     z = None
     if not fuse_down:
@@ -254,7 +269,7 @@ def forward(
         HAS_BIAS=bias is not None, SOURCE_OUT=source_out,
         LORA=2 if fuse_down else 1, FUSION=FUSIONS.index(fusion) if z is None else 0,
         NEED_SRC_S=need_src_s and z is None, DROPOUT=dropout and fuse_down,
-        INTERPRET=INTERPRETED,
+        LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=INTERPRETED,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
         GROUP_M=GROUP_M,
         **_launch_options(tiles),
@@ -308,14 +323,14 @@ def backward(
     # Per-token phi with dX wanted: dZ = dY B and phi' ride along in the dX kernel's N loop.
     # Otherwise dZ comes from a skinny pass and phi' from torch autograd on the reference phi
     # (sequence-level phi mixes rows, so it needs all of dZ first).
-    fused_dz = per_token and need_dx
+    fused_dz = per_token and need_dx and lora_B.dtype == dy.dtype
     ds_t = torch.empty((m, r), device=x.device, dtype=torch.float32)
     ds_s = torch.empty_like(ds_t) if need_src_s else None
     d_params: list[torch.Tensor] = []
     if fused_dz:
         z = s_t if fusion == "none" else fuse(s_s, s_t, fusion)
     else:
-        dz, _ = lora_down(dy, None, lora_B.t(), out_scale=scaling)
+        dz, _ = lora_down(dy, None, lora_B.t(), out_scale=scaling)  # B^T's dtype sets the precision
         if per_token:
             z = fuse(s_s, s_t, fusion)
             g_s, g_t, d_params = fuse_backward(dz, s_s, s_t, fusion)
@@ -349,7 +364,7 @@ def backward(
             BLOCK_ALIGNED=_block_aligned(k, w.blocksize, tiles.block_k),
             LORA=2 if fused_dz else 1, FUSION=FUSIONS.index(fusion) if fused_dz else 0,
             NEED_SRC_S=need_src_s and fused_dz, DROPOUT=dropout,
-            INTERPRET=INTERPRETED,
+            LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=INTERPRETED,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
             GROUP_M=GROUP_M,
             **_launch_options(tiles),
@@ -358,8 +373,9 @@ def backward(
     d_a = d_b = None
     if need_da:
         d_a = lora_reduce(
-            ds_t, x, ds_s, source if need_src_s else None, masks=masks, dropout_p=dropout_p
+            ds_t, x, ds_s, source if need_src_s else None, masks=masks, dropout_p=dropout_p,
+            lora_dtype=lora_A.dtype,
         ).to(lora_A.dtype)
     if need_db:
-        d_b = (lora_reduce(z.float(), dy).t() * scaling).to(lora_B.dtype)
+        d_b = (lora_reduce(z.float(), dy, lora_dtype=lora_B.dtype).t() * scaling).to(lora_B.dtype)
     return Grads(dx, d_a, d_b, d_params)

@@ -261,3 +261,43 @@ def test_opcheck_backward(name, fusion, device):
         bwd_args = (dy, x, src, packed, absmax, code, nabs, ncode, noff, n, bs, a, b, s, fu, params, p, mt, ms,
                     s_t, s_s, L, True, True, True, True)  # fmt: skip
         torch.library.opcheck(flare_lora_bwd, bwd_args)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_dropout_zero_is_exactly_no_dropout_and_masks_are_reusable(name, device):
+    w, x, src, a, b = layer_inputs(device)
+    mask_t = torch.rand(x.shape, device=device) > 0.3
+    mask_s = torch.rand(x.shape, device=device) > 0.3
+    with flare_kernels.use_backend(name):
+        assert torch.equal(flare_lora_linear(x, w, a, b, 2.0, source=src, dropout_p=0.0),
+                           flare_lora_linear(x, w, a, b, 2.0, source=src))  # fmt: skip
+        runs = [flare_lora_linear(x, w, a, b, 2.0, source=src, dropout_p=0.3, dropout_mask=mask_t,
+                                  source_dropout_mask=mask_s) for _ in range(2)]  # fmt: skip
+        fresh = flare_lora_linear(x, w, a, b, 2.0, source=src, dropout_p=0.3)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], fresh)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("fusion", ["add_relu", "cross_attention"])
+def test_saved_for_backward_holds_no_dequantized_weight(name, fusion, device):
+    """Autograd keeps the activations, masks, rank-r intermediates, adapter and the 4-bit weight as
+    stored: nothing of the size of a dense W0 [N, K] in a floating dtype."""
+    n, k, r, m = 96, 128, 8, 5
+    layer = FlareLinear4bit.from_linear(torch.nn.Linear(k, n), r=r, fusion=fusion, lora_dropout=0.2).to(device)
+    x = torch.randn(m, k, device=device, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with flare_kernels.use_backend(name), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, torch.randn(m, k, device=device)).sum().backward()
+    assert saved, "nothing saved?"
+    dense = [t for t in saved if t.is_floating_point() and t.numel() >= n * k]
+    assert not dense, f"saved dense tensors: {[tuple(t.shape) for t in dense]}"
+    floats = sum(t.numel() * t.element_size() for t in saved if t.is_floating_point())
+    # x, source (m x k each), s_t, s_s (m x r), A, B (+ fusion params), NF4 statistics
+    expected = 4 * (2 * m * k + 2 * m * r + 2 * r * (k + n) + 3 * (r * r + r)) + 4 * (n * k // 64 // 256 + 1 + 256 + 16 + 1)
+    assert floats <= expected, (floats, expected)

@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench clean
+.PHONY: setup run demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(VENV)/.installed: setup.py pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 run: setup
+	$(BIN)/flare train
+
+demo: setup
 	$(BIN)/python -m benchmarks.demo
 
 test: setup

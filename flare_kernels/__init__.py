@@ -9,7 +9,7 @@ Layers (each imports only those before it):
 """
 
 from .format import NF4Tensors, NF4Weight, quantize_nf4
-from .modules import CrossAttentionFusion, FlareLinear4bit
+from .modules import CrossAttentionFusion, FlareLinear, FlareLinear4bit
 from .ops import flare_lora_linear, get_backend, last_backend, set_backend, use_backend
 from .reference import FUSIONS, flare_lora_reference
 
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FUSIONS",
     "CrossAttentionFusion",
+    "FlareLinear",
     "FlareLinear4bit",
     "NF4Tensors",
     "NF4Weight",

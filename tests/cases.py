@@ -62,8 +62,9 @@ class Problem:
         return (self.case.m // seq, seq, self.case.k) if seq > 1 else (self.case.m, self.case.k)
 
 
-def make_problem(case: Case, device: torch.device | str) -> Problem:
-    g = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+def make_problem(case: Case, device: torch.device | str, draw: int = 0) -> Problem:
+    """Random inputs for ``case``, fixed by the case and ``draw`` (independent draws per value)."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{case.id}/{draw}".encode()))
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device)

@@ -220,3 +220,22 @@ def test_under_autocast_adapter_runs_in_the_autocast_dtype_like_peft(name):
     ref = flare_lora_reference(x.double(), ours.weight, a, b, ours.scaling, fusion="none", bias=ours.bias.double(),
                                compute_dtype=torch.float64).y  # fmt: skip
     assert_tolerance(y_ours, ref, y_peft.to(y_ours.dtype), "y")
+
+
+@pytest.mark.parametrize("fusion", ["add_relu", "cross_attention"])
+def test_dense_flare_linear_shares_the_frozen_weight_and_matches_the_reference(fusion):
+    dense = nn.Linear(IN, OUT)
+    layer = flare_kernels.FlareLinear(dense, r=R, fusion=fusion)
+    assert layer.weight is dense.weight and not dense.weight.requires_grad and not dense.bias.requires_grad
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(2, 6, IN, requires_grad=True)
+    src = torch.randn(2, 6, IN)
+    y, y_src = layer(x, src, return_source_output=True)
+    params = layer.fusion_module.params() if layer.fusion_module is not None else ()
+    ref = flare_lora_reference(x, dense.weight, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, source=src,
+                               fusion=fusion, bias=dense.bias, fusion_params=params, return_source_output=True)  # fmt: skip
+    assert torch.equal(y, ref.y) and torch.equal(y_src, ref.y_source)
+    torch.testing.assert_close(layer.base_forward(x), dense(x))
+    y.sum().backward()
+    assert dense.weight.grad is None and layer.lora_A.weight.grad is not None
+    assert set(layer.adapter_state_dict()) >= {"lora_A.weight", "lora_B.weight"}

@@ -11,6 +11,13 @@ from tolerance import assert_tolerance
 FUSIONS = ("none", "add", "mul", "add_relu", "matmul", "matmul_relu", "cross_attention")
 
 
+# The rule compares maximum errors; over a tensor of two elements (hypothesis draws N = 2, r = 1)
+# that maximum is a single sample and PyTorch's can be ~0 by luck. Small cases are therefore run on
+# independent input draws until every compared tensor has this many elements in the pool.
+MIN_POOLED = 64
+MAX_DRAWS = 16
+
+
 @st.composite
 def cases(draw):
     blocksize = draw(st.sampled_from([32, 64, 128, 256]))
@@ -33,6 +40,10 @@ def cases(draw):
     )
 
 
+def pooled(results, name):
+    return torch.cat([(r.y if name == "y" else r.grads[name]).flatten() for r in results])
+
+
 # Each example runs the interpreter, so shrinking a failure could take many minutes: report the
 # drawn case as it is (its id names every parameter) instead.
 @settings(
@@ -43,10 +54,16 @@ def cases(draw):
 )
 @given(case=cases())
 def test_kernels_hold_to_the_reference(case, device):
-    problem = make_problem(case, device)
-    out = run(problem, "triton", case.dtype, case.adapter)
-    low = run(problem, "torch", case.dtype, case.adapter)
-    ref = run(problem, "torch", torch.float64, inputs_from=case.dtype, adapter_inputs_from=case.adapter or case.dtype)
-    assert_tolerance(out.y, ref.y, low.y, f"{case.id}: y")
-    for name, g in ref.grads.items():
-        assert_tolerance(out.grads[name], g, low.grads[name], f"{case.id}: d{name}")
+    outs, lows, refs = [], [], []
+    draws = 1
+    while len(refs) < draws:
+        problem = make_problem(case, device, draw=len(refs))
+        outs.append(run(problem, "triton", case.dtype, case.adapter))
+        lows.append(run(problem, "torch", case.dtype, case.adapter))
+        refs.append(run(problem, "torch", torch.float64, inputs_from=case.dtype,
+                        adapter_inputs_from=case.adapter or case.dtype))  # fmt: skip
+        if len(refs) == 1:
+            smallest = min(t.numel() for t in (refs[0].y, *refs[0].grads.values()))
+            draws = min(MAX_DRAWS, -(-MIN_POOLED // max(smallest, 1)))
+    for name in ["y", *refs[0].grads]:
+        assert_tolerance(pooled(outs, name), pooled(refs, name), pooled(lows, name), f"{case.id} ({draws} draws): {name}")

@@ -8,18 +8,15 @@ buffer-only submodule (``weight.packed``, ``weight.absmax``, ...).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..format.nf4 import NF4Weight, quantize_nf4
 from ..ops.functional import flare_lora_linear
-from ..reference.fusion import FUSIONS
-from .cross_attention import CrossAttentionFusion
+from .adapter import LoraAdapter
 
 
-class FlareLinear4bit(nn.Module):
+class FlareLinear4bit(LoraAdapter):
     """Frozen NF4 linear layer with a trainable (FLARE) LoRA adapter.
 
     Args:
@@ -44,38 +41,16 @@ class FlareLinear4bit(nn.Module):
         compute_dtype: torch.dtype | None = None,
         adapter_dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-        self.out_features, self.in_features = weight.shape
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias must be [out_features] = [{self.out_features}], got shape {tuple(bias.shape)}")
-        device = weight.device
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         fusion=fusion, device=weight.device, adapter_dtype=adapter_dtype)  # fmt: skip
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be [out_features] = [{out_features}], got shape {tuple(bias.shape)}")
         self.weight = weight
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / r
-        self.lora_dropout = lora_dropout
-        self.fusion = fusion
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.device), requires_grad=False)
         self.compute_dtype = compute_dtype if compute_dtype is not None else weight.compute_dtype
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
-        self.fusion_module = (
-            CrossAttentionFusion(r, device=device, dtype=adapter_dtype) if fusion == "cross_attention" else None
-        )
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        """PEFT's default LoRA init: A kaiming-uniform (a = sqrt(5)), B zeros (the adapter starts as a no-op)."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -105,29 +80,10 @@ class FlareLinear4bit(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, source: torch.Tensor | None = None, *, return_source_output: bool = False):
         """x, source: [..., L, in]. Returns y [..., out], or (y, y_source) with return_source_output."""
-        params = self.fusion_module.params() if self.fusion_module is not None else ()
         return flare_lora_linear(
-            x,
-            self.weight,
-            self.lora_A.weight,
-            self.lora_B.weight,
-            self.scaling,
-            source=source,
-            fusion=self.fusion,
-            bias=self.bias,
-            dropout_p=self.lora_dropout if self.training else 0.0,
-            return_source_output=return_source_output,
-            fusion_params=params,
-            compute_dtype=self.compute_dtype,
-        )
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the trainable adapter tensors, keyed as in a PEFT adapter file (``lora_A.weight``, ...)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("lora_A.", "lora_B.", "fusion_module."))}
+            x, self.weight, bias=self.bias, return_source_output=return_source_output,
+            compute_dtype=self.compute_dtype, **self.adapter_kwargs(source),
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-            f"fusion={self.fusion!r}, bias={self.bias is not None}, compute_dtype={self.compute_dtype}"
-        )
+        return f"{super().extra_repr()}, compute_dtype={self.compute_dtype}"

@@ -16,7 +16,9 @@ import triton.language as tl
 
 from ..format.nf4 import NF4Tensors
 from ..kernels import INTERPRETED, flare_dx_kernel, flare_fwd_kernel, lora_down_kernel, lora_reduce_kernel
-from ..reference.fusion import FUSIONS, fuse, fuse_backward, is_per_token
+from ..reference.fusion import FUSIONS, fuse, is_per_token
+from .fusion_glue import Grads, fusion_plan as _fusion_plan, keep_scale as _keep_scale, rank_r_backward, zero_grads
+from .fusion_glue import sequence_fuse as _sequence_fuse
 
 
 def _weight_pointers(w: NF4Tensors) -> tuple[torch.Tensor, ...]:
@@ -99,10 +101,6 @@ def _check_dtype(x: torch.Tensor) -> None:
             f"the Triton backend takes float16, bfloat16 or float32 activations, got {x.dtype}; "
             "use FLARE_KERNELS_BACKEND=torch for other dtypes"
         )
-
-
-def _keep_scale(p: float) -> float:
-    return 1.0 / (1.0 - p) if p > 0.0 else 1.0
 
 
 # ------------------------------------------------------------------------------------ skinny GEMMs
@@ -190,23 +188,6 @@ def lora_reduce(
     return partial.sum(dim=0)
 
 
-# ------------------------------------------------------------------------------------ fusion glue
-def _sequence_fuse(
-    s_s: torch.Tensor, s_t: torch.Tensor, fusion: str, params: Sequence[torch.Tensor], seq_len: int
-) -> torch.Tensor:
-    m, r = s_t.shape
-    shape = (m // seq_len, seq_len, r)
-    z = fuse(s_s.view(shape), s_t.view(shape), fusion, [p.float() for p in params])
-    return z.reshape(m, r)
-
-
-def _fusion_plan(fusion: str, has_source: bool) -> tuple[str, bool]:
-    """(effective fusion, whether it reads the source stream's s)."""
-    if not has_source or fusion == "none":
-        return "none", False
-    return fusion, True
-
-
 # ------------------------------------------------------------------------------------ forward
 def forward(
     x: torch.Tensor,
@@ -278,13 +259,6 @@ def forward(
 
 
 # ------------------------------------------------------------------------------------ backward
-class Grads(NamedTuple):
-    dx: torch.Tensor | None
-    d_lora_A: torch.Tensor | None
-    d_lora_B: torch.Tensor | None
-    d_params: list[torch.Tensor]
-
-
 def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -313,13 +287,7 @@ def backward(
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
 
     if m == 0:
-        zeros = torch.zeros
-        return Grads(
-            torch.empty((0, k), device=x.device, dtype=x.dtype) if need_dx else None,
-            zeros(lora_A.shape, device=x.device, dtype=lora_A.dtype) if need_da else None,
-            zeros(lora_B.shape, device=x.device, dtype=lora_B.dtype) if need_db else None,
-            [torch.zeros_like(p) for p in params] if need_dparams else [],
-        )
+        return zero_grads(x, lora_A, lora_B, params, needs)
     # Per-token phi with dX wanted: dZ = dY B and phi' ride along in the dX kernel's N loop.
     # Otherwise dZ comes from a skinny pass and phi' from torch autograd on the reference phi
     # (sequence-level phi mixes rows, so it needs all of dZ first).
@@ -331,18 +299,10 @@ def backward(
         z = s_t if fusion == "none" else fuse(s_s, s_t, fusion)
     else:
         dz, _ = lora_down(dy, None, lora_B.t(), out_scale=scaling)  # B^T's dtype sets the precision
-        if per_token:
-            z = fuse(s_s, s_t, fusion)
-            g_s, g_t, d_params = fuse_backward(dz, s_s, s_t, fusion)
-        else:
-            shape = (m // seq_len, seq_len, r)
-            params32 = [p.float() for p in params]
-            z = _sequence_fuse(s_s, s_t, fusion, params32, seq_len)
-            g_s, g_t, d_params = fuse_backward(dz.view(shape), s_s.view(shape), s_t.view(shape), fusion, params32)
-            d_params = [g.to(p.dtype) for g, p in zip(d_params, params)]
-        ds_t.copy_(g_t.reshape(m, r))
+        g_t, g_s, z, d_params = rank_r_backward(dz, s_s, s_t, fusion, params, seq_len)
+        ds_t.copy_(g_t)
         if need_src_s:
-            ds_s.copy_(g_s.reshape(m, r))
+            ds_s.copy_(g_s)
 
     dx = None
     if need_dx:

@@ -1,0 +1,3 @@
+// AMX-BF16 kernels: isa_avx512.cpp with the bf16 row-dot and the AMX tile GEMMs switched on.
+#define FLARE_AMX 1
+#include "isa_avx512.cpp"

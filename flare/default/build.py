@@ -1,0 +1,100 @@
+"""The built-in default's tokenizer and model, made locally (no hub): a word-level tokenizer over
+the sample's vocabulary and a tiny randomly initialized Llama, saved once and loaded in 4-bit NF4
+through bitsandbytes exactly as a hub checkpoint would be (``from_pretrained`` with a
+``BitsAndBytesConfig``: NF4, double quantization, the QLoRA recipe)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..tasks import get_task
+from .sample import SAMPLE_PATH
+
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+
+# Sizes: every projection's input width is a multiple of NF4's blocksize (64), so each quantization
+# block lies in one weight row; 2 layers x 64 wide keeps a training step at a few ms on one core.
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+
+def build_tokenizer(sample_path: Path = SAMPLE_PATH):
+    """Word-level tokenizer (``tokenizers``) over every word of the sample and the prompt template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    task = get_task("toy")
+    words: set[str] = set()
+    pre = pre_tokenizers.Whitespace()
+    texts = [task.prompt.format(text="", text_pair=""), *(" " + w for w in task.label_words)]
+    with open(sample_path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [row["text"], row["source_text"]]
+    for text in texts:
+        words.update(piece for piece, _ in pre.pre_tokenize_str(text))
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(sorted(words)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre
+    backend.post_processor = processors.TemplateProcessing(  # prepend <s> as Llama's tokenizer does
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+        model_max_length=TINY_LLAMA["max_position_embeddings"],
+    )
+
+
+def save_tiny_llama(path: str | os.PathLike, tokenizer, *, seed: int = 0) -> Path:
+    """Write a randomly initialized tiny Llama (dense fp32 weights) and its tokenizer to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **TINY_LLAMA,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)  # complete or absent, never half written
+    return path
+
+
+def load_4bit(
+    path: str | os.PathLike, *, compute_dtype: torch.dtype = torch.float32, device: str = "cpu", model_class=None
+):
+    """Load a checkpoint with its linear layers in bitsandbytes NF4 (double quantization)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    cls = model_class or AutoModelForCausalLM
+    return cls.from_pretrained(str(path), quantization_config=quant, dtype=compute_dtype, device_map={"": device})

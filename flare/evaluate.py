@@ -1,0 +1,206 @@
+"""Evaluation: predictions per language, the paper's metrics, a table on screen and JSON on disk.
+
+Inference is translate-test style: each target-language input runs with its English translation as
+the source stream, fused as in training (``use_source=False`` evaluates plain LoRA).
+
+* decoder classification: one forward over the prompts; the next-token logits at the last prompt
+  position, restricted to the label words' first tokens, give the class.
+* decoder QA: greedy generation (``FlareModel.generate``, the source stream decoding its own English
+  continuation in lockstep), up to ``task.max_answer_tokens``, cut at EOS and at the first newline.
+* encoder classification: argmax of the head; encoder QA: the best start/end span in the context.
+
+Metrics (flare.metrics, percent): XNLI accuracy; NusaX macro-F1 and accuracy; TyDiQA-GoldP exact
+match and F1. ``average`` is the unweighted mean over languages, as the paper averages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .metrics import classification_scores, qa_scores
+from .tasks import Task, best_span, label_token_ids
+from .train.batching import collate, prepare
+from .train.objective import model_inputs, supports_logits_to_keep
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(
+    model,
+    task: Task,
+    tokenizer,
+    family: str,
+    rows: Sequence[dict],
+    *,
+    max_length: int,
+    batch_size: int,
+    use_source: bool,
+    device: torch.device,
+    autocast=None,
+    progress: bool = False,
+    desc: str = "predict",
+) -> list:
+    """Class indices (classification) or answer strings (QA), one per row."""
+    from tqdm.auto import tqdm
+
+    examples = prepare(rows, task, tokenizer, family, max_length, with_source=use_source, with_answer=False)
+    pad = tokenizer.pad_token_id
+    keep = family == "decoder" and supports_logits_to_keep(model)
+    label_ids = (
+        torch.tensor(label_token_ids(task, tokenizer))
+        if family == "decoder" and task.kind == "classification"
+        else None
+    )
+    was_training = model.training
+    model.eval()
+    preds: list = []
+    try:
+        for start in tqdm(
+            range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False, disable=not progress
+        ):
+            chunk = examples[start : start + batch_size]
+            batch = collate(chunk, family, task, pad, with_answer=False)
+            inputs = model_inputs(batch, device, use_source)
+            with autocast() if autocast else _null():
+                if family == "decoder" and task.kind == "qa":
+                    preds += _generate(model, tokenizer, inputs, task.max_answer_tokens)
+                    continue
+                if family == "decoder":
+                    if keep:
+                        inputs["logits_to_keep"] = 1
+                    logits = model(**inputs).logits[:, -1, :].float()
+                    preds += logits[:, label_ids.to(logits.device)].argmax(-1).tolist()
+                    continue
+                out = model(**inputs)
+            if task.kind == "classification":
+                preds += out.logits.float().argmax(-1).tolist()
+            else:
+                for i, ex in enumerate(chunk):
+                    row = rows[start + i]
+                    s, e = out.start_logits[i].float().tolist(), out.end_logits[i].float().tolist()
+                    preds.append(best_span(s, e, ex.target.offsets, row["context"]))
+    finally:
+        model.train(was_training)
+    return preds
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _generate(model, tokenizer, inputs: dict, max_new_tokens: int) -> list[str]:
+    eos = tokenizer.eos_token_id
+    out = model.generate(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        source_input_ids=inputs.get("source_input_ids"),
+        source_attention_mask=inputs.get("source_attention_mask"),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    sequences = getattr(out, "sequences", out)
+    # generate returns the prompt, both streams aligned to the longer one, then the new tokens.
+    prompt_len = inputs["input_ids"].shape[1]
+    if inputs.get("source_input_ids") is not None:
+        prompt_len = max(prompt_len, inputs["source_input_ids"].shape[1])
+    sequences = sequences[:, prompt_len:]
+    answers = []
+    for ids in sequences.tolist():
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos)]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        answers.append(text.split("\n")[0].strip())
+    return answers
+
+
+def score(task: Task, rows: Sequence[dict], predictions: Sequence) -> dict[str, float]:
+    if task.kind == "classification":
+        return classification_scores(list(predictions), [r["label"] for r in rows], task.num_labels)
+    return qa_scores(list(predictions), [r["answers"]["text"] for r in rows])
+
+
+@dataclasses.dataclass
+class EvalResult:
+    task: str
+    split: str
+    per_language: dict[str, dict[str, float]]  # lang -> {metric: value, "n": rows}
+    average: dict[str, float]
+    primary: str  # the model-selection metric
+
+    @property
+    def score(self) -> float:
+        return self.average[self.primary]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        metrics = [m for m in next(iter(self.per_language.values())) if m != "n"] if self.per_language else []
+        head = ["lang", "n"] + metrics
+        lines = [[lang, str(int(v["n"]))] + [f"{v[m]:.2f}" for m in metrics] for lang, v in self.per_language.items()]
+        lines.append(
+            ["avg", str(sum(int(v["n"]) for v in self.per_language.values()))]
+            + [f"{self.average[m]:.2f}" for m in metrics]
+        )
+        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+        fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        title = f"{self.task} / {self.split}"
+        rule = "-" * len(fmt(head))
+        return "\n".join([title, fmt(head), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
+
+
+def evaluate(
+    model,
+    task: Task,
+    tokenizer,
+    family: str,
+    rows_by_lang: dict[str, list[dict]],
+    *,
+    split: str,
+    max_length: int,
+    batch_size: int,
+    use_source: bool,
+    device: torch.device,
+    autocast=None,
+    progress: bool = False,
+) -> EvalResult:
+    """Scores per language and their unweighted average."""
+    if not rows_by_lang:
+        raise ValueError(f"no {split} rows to evaluate")
+    per_language = {}
+    for lang, rows in rows_by_lang.items():
+        preds = predict(
+            model,
+            task,
+            tokenizer,
+            family,
+            rows,
+            max_length=max_length,
+            batch_size=batch_size,
+            use_source=use_source,
+            device=device,
+            autocast=autocast,
+            progress=progress,
+            desc=f"{split} {lang}",
+        )
+        per_language[lang] = {**score(task, rows, preds), "n": len(rows)}
+    metrics = [m for m in next(iter(per_language.values())) if m != "n"]
+    average = {m: sum(v[m] for v in per_language.values()) / len(per_language) for m in metrics}
+    return EvalResult(task=task.name, split=split, per_language=per_language, average=average, primary=task.metric)
+
+
+def write_result(result: EvalResult, path: str | Path, **extra) -> None:
+    from .data.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps({**result.to_dict(), **extra}, indent=2, ensure_ascii=False) + "\n")

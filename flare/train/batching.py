@@ -1,0 +1,146 @@
+"""Tokenized examples, the deterministic data order, and padded two-stream batches.
+
+Data order is a pure function of (seed, stage, epoch): ``torch.randperm`` under its own generator,
+so a resumed run replays exactly the batches an uninterrupted run would see, and every process of a
+distributed run knows the whole global batch (each takes its slice). The last incomplete global
+batch of an epoch is dropped (every process must run the same number of steps).
+
+Loss normalization: each global batch's loss is sum(token losses) / (number of loss tokens in the
+whole global batch), whatever the split into processes and accumulation steps, so one process with
+batch 32 and four processes with 8 each take the same step. (Per-micro-batch means would weight a
+label token differently depending on its neighbours.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import torch
+
+from ..tasks import Encoded, Task, decoder_strings, encode, tokenize_all
+
+IGNORE = -100
+
+
+@dataclasses.dataclass
+class Example:
+    """One row, tokenized: the target stream and (for FLARE) its English source stream."""
+
+    index: int
+    target: Encoded
+    source: Encoded | None
+    label: int = 0  # classification label (encoders and decoder scoring)
+
+    @property
+    def loss_units(self) -> int:
+        """What the loss is averaged over: answer tokens (decoders) or 1 (encoders)."""
+        return len(self.target.answer) if self.target.answer else 1
+
+
+def prepare(
+    rows: Sequence[dict], task: Task, tokenizer, family: str, max_length: int, *, with_source: bool, with_answer: bool
+) -> list[Example]:
+    """Tokenize rows once (both streams); decoder strings go through the tokenizer in large batches."""
+    cache = None
+    if family == "decoder":
+        streams = ("target", "source") if with_source else ("target",)
+        cache = tokenize_all(
+            tokenizer,
+            (t for row in rows for st in streams for t in decoder_strings(task, row, st, with_answer=with_answer)),
+        )
+    out = []
+    for i, row in enumerate(rows):
+        target = encode(task, tokenizer, row, "target", max_length, family, with_answer=with_answer, cache=cache)
+        source = (
+            encode(task, tokenizer, row, "source", max_length, family, with_answer=with_answer, cache=cache)
+            if with_source
+            else None
+        )
+        out.append(Example(i, target, source, label=int(row.get("label", 0)) if task.kind == "classification" else 0))
+    return out
+
+
+def epoch_order(n: int, seed: int, stage: int, epoch: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size
+
+
+def global_batches(n: int, batch_size: int, seed: int, stage: int, epoch: int) -> Iterator[list[int]]:
+    order = epoch_order(n, seed, stage, epoch)
+    for b in range(steps_per_epoch(n, batch_size)):
+        yield order[b * batch_size : (b + 1) * batch_size]
+
+
+def micro_slices(batch: list[int], micro: int, accumulation: int, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches of one global batch: chunk k of the accumulation loop is split
+    across processes, process r taking the r-th ``micro`` rows of it."""
+    out = []
+    for k in range(accumulation):
+        chunk = batch[k * micro * world : (k + 1) * micro * world]
+        out.append(chunk[rank * micro : (rank + 1) * micro])
+    return out
+
+
+# ------------------------------------------------------------------------------------- collation
+def _decoder_rows(encs: list[Encoded], prompt_len: int, answer_len: int, pad: int):
+    ids, mask, labels = [], [], []
+    for e in encs:
+        left = prompt_len - len(e.prompt)
+        right = answer_len - len(e.answer)
+        ids.append([pad] * left + e.prompt + e.answer + [pad] * right)
+        mask.append([0] * left + [1] * (len(e.prompt) + len(e.answer)) + [0] * right)
+        labels.append([IGNORE] * (left + len(e.prompt)) + e.answer + [IGNORE] * right)
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels)
+
+
+def _encoder_rows(encs: list[Encoded], length: int, pad: int):
+    ids = [e.prompt + [pad] * (length - len(e.prompt)) for e in encs]
+    mask = [[1] * len(e.prompt) + [0] * (length - len(e.prompt)) for e in encs]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def collate(examples: Sequence[Example], family: str, task: Task, pad_id: int, *, with_answer: bool) -> dict:
+    """Pad target (and source) rows to one shape. Keys: input_ids, attention_mask, [source_input_ids,
+    source_attention_mask], and the loss targets: labels (decoders), class_labels or
+    start_positions/end_positions (encoders); answer_len (decoders: the right-padded answer width)."""
+    targets = [e.target for e in examples]
+    sources = [e.source for e in examples if e.source is not None]
+    if sources and len(sources) != len(targets):
+        raise ValueError("a batch mixes rows with and without an English source")
+    both = targets + sources
+    batch: dict = {}
+    if family == "decoder":
+        prompt_len = max(len(e.prompt) for e in both)
+        answer_len = max(len(e.answer) for e in both) if with_answer else 0
+        batch["input_ids"], batch["attention_mask"], labels = _decoder_rows(targets, prompt_len, answer_len, pad_id)
+        if sources:
+            batch["source_input_ids"], batch["source_attention_mask"], _ = _decoder_rows(
+                sources, prompt_len, answer_len, pad_id
+            )
+        if with_answer:
+            batch["labels"] = labels
+        batch["answer_len"] = answer_len
+    else:
+        length = max(len(e.prompt) for e in both)
+        batch["input_ids"], batch["attention_mask"] = _encoder_rows(targets, length, pad_id)
+        if sources:
+            batch["source_input_ids"], batch["source_attention_mask"] = _encoder_rows(sources, length, pad_id)
+        if task.kind == "classification":
+            batch["class_labels"] = torch.tensor([e.label for e in examples])
+        else:
+            batch["start_positions"] = torch.tensor([e.target.start for e in examples])
+            batch["end_positions"] = torch.tensor([e.target.end for e in examples])
+    return batch
+
+
+def count_tokens(batch: dict) -> int:
+    """Non-padding tokens in both streams (for tokens/s)."""
+    n = int(batch["attention_mask"].sum())
+    if "source_attention_mask" in batch:
+        n += int(batch["source_attention_mask"].sum())
+    return n

@@ -1,0 +1,146 @@
+"""Which rows each stage reads, for each task (the paper's translate-train / translate-test setup).
+
+task    stage 1 (English)         stage 2 train (target + English)      validation / test (+ English)
+toy     bundled sample, English   bundled sample (its English column)   bundled sample
+xnli    facebook/xnli "en" train  xnli <lang> train + "en" (same row)   xnli <lang> validation / test
+nusax   NusaX "eng" train         NusaX <lang> train + "eng" (same id)  NusaX <lang> validation / test
+tydiqa  SQuAD v1.1 train          --train-file (translate-train)        --eval-file / GoldP validation
+
+(XNLI's non-English train splits are MultiNLI machine-translated by the XNLI authors; TyDiQA-GoldP
+has no target-language training set of the right kind, so stage 2 reads flare translate's output.)
+
+Any of these can be replaced by a file (``stage1_file``, ``train_file``, ``eval_file``,
+``test_file``). The English side of validation/test rows comes from a translation file
+(``eval_translations`` / ``test_translations``: translate-test, the paper's setting), from the
+dataset's own English rows (``eval_source="parallel"``: an oracle, not the paper's setting), or is
+not used (``eval_source="none"``: plain LoRA inference). Rows that lack their English are reported
+(count and ids) and either stop the run or are dropped (``missing_source``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ..data import hub
+from ..data.files import attach_translations, read_rows, read_translations
+from ..data.schema import SourceReport, require_sources
+from ..default.sample import load_sample
+from ..tasks import Task
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StageData:
+    stage1: list[dict]
+    train: list[dict]
+    eval: dict[str, list[dict]]  # lang -> rows (model selection)
+    test: dict[str, list[dict]]  # lang -> rows (final table)
+    reports: list[SourceReport]
+
+
+def _by_lang(rows: list[dict], languages: tuple[str, ...]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if not languages or r["lang"] in languages:
+            out.setdefault(r["lang"], []).append(r)
+    return dict(sorted(out.items()))
+
+
+def _limit(rows: list[dict], n: int | None) -> list[dict]:
+    return rows if n is None else rows[:n]
+
+
+def _hub_rows(cfg: TrainConfig, task: Task, lang: str, split: str, parallel: bool) -> list[dict]:
+    path = cfg.dataset_path
+    source = "parallel" if parallel else None
+    if task.name == "xnli":
+        return hub.load_xnli(lang, split, path=path or hub.XNLI_HUB, source=source)
+    if task.name == "nusax":
+        return hub.load_nusax(lang, split, path=path or hub.NUSAX_HUB, source=source)
+    if task.name == "tydiqa":
+        if parallel:
+            raise ValueError("TyDiQA has no parallel English; use translation files (eval_source='file')")
+        return hub.load_tydiqa(lang, split, path=path or hub.TYDIQA_HUB)
+    raise ValueError(f"task {task.name!r} has no hub loader")
+
+
+def _stage1_rows(cfg: TrainConfig, task: Task) -> list[dict]:
+    if cfg.stage1_file:
+        return read_rows(cfg.stage1_file, task.kind, lang="en", label_names=task.labels or None)
+    if task.name == "toy":
+        return load_sample("train", english=True)
+    if task.name == "xnli":
+        return hub.load_xnli("en", "train", path=cfg.english_path or cfg.dataset_path or hub.XNLI_HUB)
+    if task.name == "nusax":
+        return hub.load_nusax(hub.NUSAX_ENGLISH, "train", path=cfg.english_path or cfg.dataset_path or hub.NUSAX_HUB)
+    return hub.load_squad("train", path=cfg.english_path or hub.SQUAD_HUB)
+
+
+def _split_rows(
+    cfg: TrainConfig,
+    task: Task,
+    split: str,
+    file: str | None,
+    translations: str | None,
+    languages: tuple[str, ...],
+    parallel: bool,
+) -> list[dict]:
+    if file:
+        rows = read_rows(file, task.kind, label_names=task.labels or None)
+        rows = [r for r in rows if r["lang"] in languages]
+    elif task.name == "toy":
+        rows = [r for r in load_sample(split) if r["lang"] in languages]
+    elif task.name == "tydiqa" and split == "train":
+        raise ValueError(
+            "TyDiQA has no target-language training set: translate SQuAD into each language first "
+            "(flare translate --task tydiqa --mode train ...) and pass the output as --train-file"
+        )
+    else:
+        hub_split = {"test": "validation"} if task.name == "tydiqa" else {}
+        rows = [r for lang in languages for r in _hub_rows(cfg, task, lang, hub_split.get(split, split), parallel)]
+    if translations:
+        rows, _ = attach_translations(rows, read_translations(translations), task.kind, name=split)
+    return rows
+
+
+def load_stage_data(cfg: TrainConfig, task: Task) -> StageData:
+    """All rows of a run, sources checked (reports kept for the run summary)."""
+    languages = cfg.languages or task.languages
+    reports: list[SourceReport] = []
+    stage1 = _limit(_stage1_rows(cfg, task), cfg.max_train_examples) if "stage1" in cfg.stages else []
+
+    train: list[dict] = []
+    if "stage2" in cfg.stages:
+        train = _split_rows(cfg, task, "train", cfg.train_file, cfg.train_translations, languages, parallel=True)
+        train, report = require_sources(train, task.kind, name="train", policy=cfg.missing_source)
+        reports.append(report)
+        train = _limit(train, cfg.max_train_examples)
+        if not train:
+            raise ValueError(f"no stage-2 training rows for languages {languages}")
+
+    splits = {split: load_eval_rows(cfg, task, split, reports) for split in ("validation", "test")}
+    for report in reports:
+        if report.missing:
+            logger.warning(report.message())
+    return StageData(stage1=stage1, train=train, eval=splits["validation"], test=splits["test"], reports=reports)
+
+
+def load_eval_rows(
+    cfg: TrainConfig, task: Task, split: str, reports: list[SourceReport] | None = None
+) -> dict[str, list[dict]]:
+    """Validation or test rows by language, with their English source unless eval_source is "none"."""
+    languages = cfg.languages or task.languages
+    file, translations = (
+        (cfg.eval_file, cfg.eval_translations) if split == "validation" else (cfg.test_file, cfg.test_translations)
+    )
+    if task.name == "tydiqa" and split == "validation" and not file:
+        return {}  # TyDiQA-GoldP's validation split is its test set: no selection set by default
+    rows = _split_rows(cfg, task, split, file, translations, languages, parallel=cfg.eval_source == "parallel")
+    if cfg.eval_source != "none" and "stage2" in cfg.stages:
+        rows, report = require_sources(rows, task.kind, name=split, policy=cfg.missing_source)
+        if reports is not None:
+            reports.append(report)
+    return {k: _limit(v, cfg.max_eval_examples) for k, v in _by_lang(rows, languages).items()}

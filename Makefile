@@ -11,7 +11,10 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: setup.py pyproject.toml | $(BIN)/python
+# Editing the C++ sources (or the build) reruns the install, which rebuilds flare_kernels._C.
+NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/kernels/*.h)
+
+$(VENV)/.installed: setup.py pyproject.toml $(NATIVE_SOURCES) | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH)"
 	# --no-build-isolation: build against the torch installed above, never a fresh unpinned one.
@@ -33,4 +36,4 @@ bench: setup
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info flare_kernels/_C*.so

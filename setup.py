@@ -119,6 +119,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["flare_kernels", "flare_kernels.*", "flare", "flare.*"]),
+    package_data={"flare": ["default/*.jsonl"]},
     install_requires=[
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",

@@ -147,6 +147,7 @@ class FlareModel(nn.Module):
             n_source=input_ids.shape[0],
             source_input_ids=source_input_ids,
             source_attention_mask=source_attention_mask,
+            target_attention_mask=attention_mask,
             site=self.config.source_site,
             keep_source_rows=keep_source_rows,
         )

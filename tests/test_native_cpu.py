@@ -218,20 +218,6 @@ def test_float64_runs_the_reference():
     assert torch.equal(y, y_ref) and torch.equal(a.grad, a2.grad)
 
 
-@pytest.mark.parametrize("fusion", ["add_relu", "cross_attention"])
-def test_opcheck_with_native_backend(fusion):
-    w, x, src, a, b = layer()
-    t = w.tensors()
-    r = a.shape[0]
-    params = [torch.randn(r, r) * 0.3 if i % 2 == 0 else torch.randn(r) for i in range(6)] if fusion == "cross_attention" else []
-    for p in (x, a, b, *params):
-        p.requires_grad_(True)
-    args = (x, src, t.packed, t.absmax, t.code, t.nested_absmax, t.nested_code, t.nested_offset, t.out_features,
-            t.blocksize, None, a, b, 2.0, fusion, params, 0.0, None, None, x.shape[0], True)  # fmt: skip
-    with flare_kernels.use_backend("cpu"):
-        torch.library.opcheck(flare_lora_fwd, args)
-
-
 # ---------------------------------------------------------------------------- bad input, ISA choice
 def weight_args(w):
     t = w.tensors()

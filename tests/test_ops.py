@@ -14,7 +14,8 @@ from flare_kernels.ops import backend
 from flare_kernels.ops.custom_ops import flare_lora_fwd
 from tolerance import assert_tolerance
 
-KERNEL_BACKENDS = ["triton", "torch"]
+# Every backend this machine can run: Triton (compiled or interpreted), native CPU when built, the reference.
+KERNEL_BACKENDS = ["triton", "torch"] + (["cpu"] if backend.native_available() else [])
 
 
 def layer_inputs(device, m=5, k=128, n=33, r=8, dtype=torch.float32, seed=0):
@@ -215,7 +216,7 @@ def op_args(device, fusion="add_relu", r=8, requires_grad=True):
     for p in params:
         p.requires_grad_(requires_grad)
     return (x, src, t.packed, t.absmax, t.code, t.nested_absmax, t.nested_code, t.nested_offset, t.out_features,
-            t.blocksize, None, a, b, 2.0, fusion, params, 0.0, None, None, x.shape[0], True)  # fmt: skip
+            t.blocksize, None, a, b, 2.0, fusion, params, 0.0, None, None, x.shape[0], True, None, None)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", KERNEL_BACKENDS)
@@ -254,12 +255,12 @@ def test_opcheck_backward(name, fusion, device):
     from flare_kernels.ops.custom_ops import flare_lora_bwd
 
     args = op_args(device, fusion, requires_grad=False)
-    x, src, packed, absmax, code, nabs, ncode, noff, n, bs, bias, a, b, s, fu, params, p, mt, ms, L, so = args
+    x, src, packed, absmax, code, nabs, ncode, noff, n, bs, bias, a, b, s, fu, params, p, mt, ms, L, so, sb, fm = args
     with flare_kernels.use_backend(name):
         _, _, s_t, s_s = flare_lora_fwd(*args)
         dy = torch.randn(x.shape[0], n, device=device)
         bwd_args = (dy, x, src, packed, absmax, code, nabs, ncode, noff, n, bs, a, b, s, fu, params, p, mt, ms,
-                    s_t, s_s, L, True, True, True, True)  # fmt: skip
+                    s_t, s_s, L, True, True, True, True, None)  # fmt: skip
         torch.library.opcheck(flare_lora_bwd, bwd_args)
 
 
@@ -301,3 +302,77 @@ def test_saved_for_backward_holds_no_dequantized_weight(name, fusion, device):
     # x, source (m x k each), s_t, s_s (m x r), A, B (+ fusion params), NF4 statistics
     expected = 4 * (2 * m * k + 2 * m * r + 2 * r * (k + n) + 3 * (r * r + r)) + 4 * (n * k // 64 // 256 + 1 + 256 + 16 + 1)
     assert floats <= expected, (floats, expected)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_inference_fast_path_matches_the_op(name, device):
+    """Without anything to differentiate the functional calls the op's body directly; same bits."""
+    w, x, src, a, b = layer_inputs(device)
+    with flare_kernels.use_backend(name):
+        with torch.no_grad():
+            y_fast, ys_fast = flare_lora_linear(x, w, a, b, 2.0, source=src, return_source_output=True)
+        y_op, ys_op = flare_lora_linear(x, w, a.requires_grad_(True), b, 2.0, source=src, return_source_output=True)
+    assert y_op.grad_fn is not None and y_fast.grad_fn is None
+    assert torch.equal(y_fast, y_op.detach()) and torch.equal(ys_fast, ys_op)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("fusion", ["matmul", "matmul_relu", "cross_attention"])
+def test_fusion_mask_on_every_backend(name, fusion, device):
+    """Padding-independence through the op: real positions of a padded batch equal the unpadded run."""
+    w, _, _, a, b = layer_inputs(device)
+    r = a.shape[0]
+    params = [torch.randn(r, r, device=device) * 0.3 if i % 2 == 0 else torch.randn(r, device=device) * 0.1
+              for i in range(6)] if fusion == "cross_attention" else []  # fmt: skip
+    x, src = torch.randn(1, 5, 128, device=device), torch.randn(1, 5, 128, device=device)
+    pad = torch.randn(1, 3, 128, device=device) * 10
+    x_pad, src_pad = torch.cat([x, pad], 1), torch.cat([src, pad.flip(1)], 1)
+    mask = torch.tensor([[True] * 5 + [False] * 3], device=device)
+    x_pad.requires_grad_(True)
+    with flare_kernels.use_backend(name):
+        y = flare_lora_linear(x, w, a, b, 2.0, source=src, fusion=fusion, fusion_params=params)
+        y_pad = flare_lora_linear(x_pad, w, a, b, 2.0, source=src_pad, fusion=fusion, fusion_params=params,
+                                  fusion_mask=mask)  # fmt: skip
+        y_pad.sum().backward()
+    torch.testing.assert_close(y_pad[:, :5], y, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(x_pad.grad).all()
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_source_base_on_every_backend(name, device):
+    w, x, src, a, b = layer_inputs(device)
+    base_rows = torch.randn_like(x)
+    with flare_kernels.use_backend(name):
+        y, y_s = flare_lora_linear(x, w, a, b, 2.0, source=src, source_base=base_rows, return_source_output=True)
+        y_plain = flare_lora_linear(x, w, a, b, 2.0, source=src)
+        _, y_s_expected = flare_lora_linear(x, w, a, b, 2.0, source=base_rows, return_source_output=True)
+    torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
+    torch.testing.assert_close(y_s, y_s_expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="source_base"):
+        flare_lora_linear(x, w, a, b, 2.0, source_base=base_rows)
+
+
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
+def test_fusion_none_keeps_no_source_rows_for_backward(name, device):
+    """A non-fusion projection passes the source rows' base product but saves neither the source
+    rows nor a source dropout mask."""
+    layer = FlareLinear4bit.from_linear(torch.nn.Linear(128, 96), fusion="none", lora_dropout=0.2).to(device)
+    x = torch.randn(6, 128, device=device, requires_grad=True)
+    src = torch.randn(6, 128, device=device)
+    saved = []
+    with flare_kernels.use_backend(name), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y, y_s = layer(x, src, return_source_output=True)
+        y.sum().backward()
+    assert not any(t is src or (t.shape == src.shape and torch.equal(t, src)) for t in saved)
+    assert sum(t.dtype == torch.bool and t.shape == x.shape for t in saved) == 1  # the target's mask only
+
+
+def test_base_forward_is_the_frozen_layer():
+    dense = torch.nn.Linear(128, 96)
+    layer = FlareLinear4bit.from_linear(dense)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    x = torch.randn(4, 128)
+    with flare_kernels.use_backend("torch"):
+        expected = torch.nn.functional.linear(x, layer.weight.dequantize(torch.float32), layer.bias)
+        assert torch.equal(layer.base_forward(x), expected)
+        assert not torch.equal(layer(x), expected)

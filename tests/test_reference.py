@@ -185,3 +185,46 @@ def test_dropout_draws_independent_masks_per_stream():
         sigma = math.sqrt(prob * (1 - prob) / n)
         assert abs(frac - prob) < 5 * sigma, (v, frac, prob)
     assert torch.allclose(y, torch.round(y / kept) * kept)
+
+
+@pytest.mark.parametrize("fusion", SEQUENCE_FUSIONS)
+def test_fusion_mask_makes_sequence_fusions_independent_of_padding(fusion):
+    """A padded sequence fuses its real positions exactly as the unpadded one does."""
+    r, real, pad = 4, 5, 3
+    params = fusion_params(fusion, r)
+    s, t = torch.randn(1, real, r, dtype=F64), torch.randn(1, real, r, dtype=F64)
+    z_unpadded = fuse(s, t, fusion, params)
+    s_pad = torch.cat([s, torch.randn(1, pad, r, dtype=F64) * 100], dim=1)
+    t_pad = torch.cat([t, torch.randn(1, pad, r, dtype=F64) * 100], dim=1)
+    mask = torch.tensor([[True] * real + [False] * pad])
+    z = fuse(s_pad, t_pad, fusion, params, mask)
+    torch.testing.assert_close(z[:, :real], z_unpadded, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(fuse(s_pad, t_pad, fusion, params)[:, :real], z_unpadded)
+    # A sequence without any real position fuses to zeros (no NaN from an empty softmax).
+    empty = fuse(s_pad, t_pad, fusion, params, torch.zeros_like(mask))
+    assert torch.isfinite(empty).all()
+
+
+@pytest.mark.parametrize("fusion", SEQUENCE_FUSIONS)
+def test_masked_fuse_backward_matches_autograd(fusion):
+    s = torch.randn(3, 6, 4, dtype=F64, requires_grad=True)
+    t = torch.randn(3, 6, 4, dtype=F64, requires_grad=True)
+    params = fusion_params(fusion, 4, requires_grad=True)
+    mask = torch.rand(3, 6) > 0.3
+    mask[2] = False  # a sequence of padding only
+    dz = torch.randn(3, 6, 4, dtype=F64)
+    expected = torch.autograd.grad(fuse(s, t, fusion, params, mask), [s, t, *params], dz, allow_unused=True)
+    ds, dt, dparams = fuse_backward(dz, s.detach(), t.detach(), fusion, [p.detach() for p in params], mask)
+    for name, e, g in zip(["ds", "dt", "Wq", "bq", "Wk", "bk", "Wv", "bv"], expected, [ds, dt, *dparams]):
+        torch.testing.assert_close(g, torch.zeros_like(g) if e is None else e, rtol=1e-12, atol=1e-12, msg=name)
+    assert torch.autograd.gradcheck(lambda s, t, *p: fuse(s, t, fusion, p, mask), (s, t, *params))
+
+
+def test_source_base_gives_the_source_output_while_the_source_is_fused():
+    w, x, src, a, b, bias, params = small_problem("add_relu")
+    base_rows = torch.randn_like(x)
+    out = flare_lora_reference(x, w, a, b, 2.0, source=src, fusion="add_relu", bias=bias, source_base=base_rows,
+                               return_source_output=True)  # fmt: skip
+    plain = flare_lora_reference(x, w, a, b, 2.0, source=src, fusion="add_relu", bias=bias, return_source_output=True)
+    assert torch.equal(out.y, plain.y)
+    torch.testing.assert_close(out.y_source, base_rows @ w.dequantize(F64).T + bias)

@@ -45,6 +45,8 @@ class TwoStreams:
         n_source: B, the number of sequences per stream.
         source_input_ids, source_attention_mask: [B, L] source tokens for this call (the backbone
             pre-hook prepends them to the target's).
+        target_attention_mask: [B, L] the target's mask (None: no padding), the key-padding mask
+            of sequence-level fusions.
         site: ``"projection_input"`` or ``"residual"`` (``FlareConfig.source_site``).
         keep_source_rows: return all 2B rows from the backbone (generation: the heads compute the
             source stream's own logits with the frozen originals). Otherwise the backbone returns
@@ -56,6 +58,7 @@ class TwoStreams:
     n_source: int
     source_input_ids: torch.Tensor
     source_attention_mask: torch.Tensor
+    target_attention_mask: torch.Tensor | None = None
     site: str = "projection_input"
     keep_source_rows: bool = False
     residuals: dict[int, torch.Tensor] = field(default_factory=dict)

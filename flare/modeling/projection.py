@@ -17,18 +17,20 @@ of both, and cached decoding equal to recomputation. Real source positions never
 
 Outside a FLARE call (no source) the projection is plain (Q)LoRA; with adapters disabled it is
 the frozen base layer. With ``source_site="residual"`` the fusion reads the source rows' residual
-stream at the block input (captured by a block pre-hook) instead of the projection input; the
-source rows' own base output then needs a second (no-grad) product over the weights.
+stream at the block input (captured by a block pre-hook) instead of the projection input, while
+the source rows' own base output still comes from their projection input, in the same pass
+(the op's ``source_base``). Sequence-level fusions get the target's attention mask as their
+key-padding mask, so padded target positions do not enter t^T t or the attention.
 """
 
 from __future__ import annotations
 
 import torch
 
-from flare_kernels import FlareLinear4bit, flare_lora_linear
+from flare_kernels import FlareLinear, FlareLinear4bit
+from flare_kernels.reference.fusion import SEQUENCE_FUSIONS
 
 from .context import Owner, current, in_backward
-from .dense import FlareLinearDense
 
 
 def zero_padding(source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -47,7 +49,7 @@ def zero_padding(source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class StreamRouting:
-    """Mixin over a FLARE-LoRA layer class (``FlareLinear4bit`` or ``FlareLinearDense``).
+    """Mixin over a FLARE-LoRA layer class (``FlareLinear4bit`` or ``FlareLinear``).
 
     ``bind`` attaches it to a FlareModel; ``forward(x)`` then reads the model's context.
     """
@@ -65,14 +67,15 @@ class StreamRouting:
         self.is_fusion = is_fusion
         return self
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None, *, return_source_output: bool = False):
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None, *, return_source_output: bool = False,
+                **kwargs):  # fmt: skip
         """x: [2B, ..., in] inside a FLARE call, [B, ..., in] outside -> same leading shape, [..., out].
 
         An explicit ``source`` (or ``return_source_output``) bypasses the routing: the layer then
         behaves exactly as the kernel module it extends.
         """
         if source is not None or return_source_output:
-            return self.layer_forward(x, source, return_source_output=return_source_output)
+            return self.layer_forward(x, source, return_source_output=return_source_output, **kwargs)
         ctx = current(self._flare_owner) if self._flare_owner is not None else None
         if ctx is None:
             if self._last_two_stream and in_backward():
@@ -104,7 +107,12 @@ class StreamRouting:
         if not self.is_fusion:
             # fusion "none": the adapter ignores x_s; its frozen base product comes from the same pass.
             y_t, y_s = self.layer_forward(x_t, x_s, return_source_output=True)
-        elif streams.site == "residual":
+            return torch.cat([y_s, y_t.to(y_s.dtype)], dim=0)
+        fusion_mask = None
+        if self.fusion in SEQUENCE_FUSIONS and streams.target_attention_mask is not None:
+            mask = streams.target_attention_mask.to(torch.bool)
+            fusion_mask = mask[:, mask.shape[1] - x_t.shape[1] :]  # with a KV cache: the last positions
+        if streams.site == "residual":
             h = streams.residuals.get(self.block_index)
             if h is None:
                 raise RuntimeError(f"{self.flare_path}: no residual-stream input captured for block {self.block_index}")
@@ -113,42 +121,32 @@ class StreamRouting:
                     f"{self.flare_path}: source_site='residual' needs the block input to have the projection's "
                     f"input shape, got residual {tuple(h.shape)} and projection input {tuple(x_t.shape)}"
                 )
-            y_t = self.layer_forward(x_t, zero_padding(h.to(x_t.dtype), streams.source_attention_mask))
-            with torch.no_grad():
-                y_s = self.base_forward(x_s)
+            # Fuse the residual stream; the source rows' own output is still their projection's.
+            y_t, y_s = self.layer_forward(
+                x_t, zero_padding(h.to(x_t.dtype), streams.source_attention_mask), return_source_output=True,
+                source_base=x_s, fusion_mask=fusion_mask,
+            )  # fmt: skip
         else:
             # y_s at padded source positions becomes base(0): read by no real position (masked keys).
             y_t, y_s = self.layer_forward(
-                x_t, zero_padding(x_s, streams.source_attention_mask), return_source_output=True
-            )
+                x_t, zero_padding(x_s, streams.source_attention_mask), return_source_output=True,
+                fusion_mask=fusion_mask,
+            )  # fmt: skip
         return torch.cat([y_s, y_t.to(y_s.dtype)], dim=0)
 
 
 class FlareProjection4bit(StreamRouting, FlareLinear4bit):
     """A bitsandbytes ``Linear4bit`` replaced by the fused NF4 FLARE-LoRA module."""
 
-    def layer_forward(self, x, source=None, *, return_source_output=False):
-        return FlareLinear4bit.forward(self, x, source, return_source_output=return_source_output)
-
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen NF4 layer alone (the op with a zero-scaled, detached adapter: one fused pass)."""
-        return flare_lora_linear(
-            x,
-            self.weight,
-            self.lora_A.weight.detach(),
-            self.lora_B.weight.detach(),
-            0.0,
-            fusion="none",
-            bias=self.bias,
-            compute_dtype=self.compute_dtype,
-        )
+    def layer_forward(self, x, source=None, **kwargs):
+        return FlareLinear4bit.forward(self, x, source, **kwargs)
 
 
-class FlareProjectionDense(StreamRouting, FlareLinearDense):
+class FlareProjectionDense(StreamRouting, FlareLinear):
     """A dense ``nn.Linear`` with a FLARE-LoRA adapter (reference math, autograd)."""
 
-    def layer_forward(self, x, source=None, *, return_source_output=False):
-        return FlareLinearDense.forward(self, x, source, return_source_output=return_source_output)
+    def layer_forward(self, x, source=None, **kwargs):
+        return FlareLinear.forward(self, x, source, **kwargs)
 
 
 PROJECTION_TYPES = (FlareProjection4bit, FlareProjectionDense)

@@ -5,8 +5,9 @@
    input (``source_site="projection_input"``) or its block's residual-stream input (``"residual"``).
 2. Target pass: the model over the target batch, every fusion projection's output replaced by
    ``flare_kernels.flare_lora_reference`` fed the recorded source (zero at the source's padded
-   positions: there is no English token there); other projections run plain LoRA. The heads and
-   loss are the model's own.
+   positions: there is no English token there) and, for sequence-level fusions, the target's
+   attention mask as key-padding mask; other projections run plain LoRA. The heads and loss are
+   the model's own.
 
 This is how the authors' code computes FLARE (two separate passes), written with the reference
 math and none of FlareModel's batching, hooks or context. It supports ``lora_dropout == 0`` only:
@@ -27,11 +28,13 @@ import torch
 from flare_kernels import use_backend
 from flare_kernels.reference import flare_lora_reference
 from flare_kernels.reference.flare_lora import base_forward, dense_weight
+from flare_kernels.reference.fusion import SEQUENCE_FUSIONS
 
 from .inputs import align_streams, check_streams
 
 
-def _projection_reference(module, x: torch.Tensor, source: torch.Tensor | None, compute_dtype=None) -> torch.Tensor:
+def _projection_reference(module, x: torch.Tensor, source: torch.Tensor | None, compute_dtype=None,
+                          fusion_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """y_t of one projection from its parameters (and the recorded source, if it fuses), by the reference."""
     weight = module.weight  # NF4Weight or the dense Parameter
     params = module.fusion_module.params() if module.fusion_module is not None and source is not None else ()
@@ -40,6 +43,7 @@ def _projection_reference(module, x: torch.Tensor, source: torch.Tensor | None, 
         x, weight, module.lora_A.weight, module.lora_B.weight, module.scaling,
         source=None if source is None else source.to(x.dtype), fusion=module.fusion if source is not None else "none",
         bias=module.bias, fusion_params=params, compute_dtype=cdt,
+        fusion_mask=fusion_mask if source is not None and module.fusion in SEQUENCE_FUSIONS else None,
     ).y  # fmt: skip
 
 
@@ -115,9 +119,10 @@ def two_pass_forward(
             h.remove()
     keep = source_attention_mask.to(torch.bool)[..., None]
     recorded = {p: torch.where(keep, r, torch.zeros_like(r)) for p, r in recorded.items()}
+    key_mask = None if attention_mask is None else attention_mask.to(torch.bool)
     handles = [
         m.register_forward_hook(
-            lambda mod, args, out, p=path: _projection_reference(mod, args[0], recorded.get(p), compute_dtype)
+            lambda mod, args, out, p=path: _projection_reference(mod, args[0], recorded.get(p), compute_dtype, key_mask)
         )
         for path, m in {**everything, **fusion}.items()
     ]

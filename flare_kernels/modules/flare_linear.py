@@ -36,14 +36,19 @@ class FlareLinear(LoraAdapter):
         self.weight = linear.weight.requires_grad_(False)
         self.bias = None if linear.bias is None else linear.bias.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None, *, return_source_output: bool = False):
-        """x, source: [..., L, in]. Returns y [..., out], or (y, y_source) with return_source_output."""
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None, *, return_source_output: bool = False,
+                source_base: torch.Tensor | None = None, fusion_mask: torch.Tensor | None = None):  # fmt: skip
+        """x, source: [..., L, in]. Returns y [..., out], or (y, y_source) with return_source_output.
+
+        ``source_base`` / ``fusion_mask``: see ``flare_kernels.flare_lora_linear``.
+        """
         if source is not None and source.shape != x.shape:
             raise ValueError(f"source must have the shape of x, got source {tuple(source.shape)} and x {tuple(x.shape)}")
         kw = self.adapter_kwargs(source)
         out = flare_lora_reference(
             x, self.weight, kw.pop("lora_A"), kw.pop("lora_B"), kw.pop("scaling"), bias=self.bias,
-            return_source_output=return_source_output, **kw,
+            return_source_output=return_source_output, source_base=source_base,
+            fusion_mask=fusion_mask if source is not None else None, **kw,
         )  # fmt: skip
         return (out.y, out.y_source) if return_source_output else out.y
 

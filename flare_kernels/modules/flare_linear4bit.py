@@ -78,11 +78,24 @@ class FlareLinear4bit(LoraAdapter):
         return cls(weight, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, fusion=fusion, **kwargs)
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None, *, return_source_output: bool = False):
-        """x, source: [..., L, in]. Returns y [..., out], or (y, y_source) with return_source_output."""
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None, *, return_source_output: bool = False,
+                source_base: torch.Tensor | None = None, fusion_mask: torch.Tensor | None = None):  # fmt: skip
+        """x, source: [..., L, in]. Returns y [..., out], or (y, y_source) with return_source_output.
+
+        ``source_base`` / ``fusion_mask``: see ``flare_kernels.flare_lora_linear``.
+        """
         return flare_lora_linear(
             x, self.weight, bias=self.bias, return_source_output=return_source_output,
-            compute_dtype=self.compute_dtype, **self.adapter_kwargs(source),
+            compute_dtype=self.compute_dtype, source_base=source_base, fusion_mask=fusion_mask,
+            **self.adapter_kwargs(source),
+        )  # fmt: skip
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone, x W0^T + b (bitsandbytes' numerics): the fused op with the
+        adapter's term scaled by zero, which adds exactly nothing (r / out extra FLOPs)."""
+        return flare_lora_linear(
+            x, self.weight, self.lora_A.weight.detach(), self.lora_B.weight.detach(), 0.0, fusion="none",
+            bias=self.bias, compute_dtype=self.compute_dtype,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -27,8 +27,8 @@ from typing import Sequence
 import torch
 
 from ..format.nf4 import NF4Tensors, NF4Weight
+from ..ops import torch_backend
 from ..ops.fusion_glue import Grads, fusion_plan, keep_scale, rank_r_backward, sequence_fuse, zero_grads
-from ..reference.flare_lora import flare_lora_backward, flare_lora_reference
 from ..reference.fusion import FUSIONS, is_per_token
 from ._library import load_error, ops
 
@@ -83,6 +83,9 @@ def forward(
     seq_len: int,
     source_out: bool,
     fuse_down: bool | None = None,
+    *,
+    source_base: torch.Tensor | None = None,
+    fusion_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(y_t [M, N], y_s [M, N] or None, s_t [M, R] fp32, s_s [M, R] fp32 or None).
 
@@ -90,8 +93,9 @@ def forward(
     down-projection is always its own pass.
     """
     if _needs_reference(x, lora_A):
-        return _reference_forward(x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks,
-                                  seq_len, source_out)  # fmt: skip
+        return torch_backend.forward(x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks,
+                                     seq_len, source_out, source_base=source_base,
+                                     fusion_mask=fusion_mask)  # fmt: skip
     _check_dtype(x)
     lib = _lib()
     m, k = x.shape
@@ -109,11 +113,12 @@ def forward(
     keep = keep_scale(dropout_p)
     s_t, s_s = lib.lora_down(x, lora_A, mask_t, source if need_src_s else None, mask_s, keep, 1.0)
     s_s = s_s if need_src_s else None
-    rows = (x, source if source_out else None, *_weight(w), n, w.blocksize, bias)
+    base_rows = source if source_base is None else source_base  # y_s: the source rows' own base product
+    rows = (x, base_rows if source_out else None, *_weight(w), n, w.blocksize, bias)
     if is_per_token(fusion):  # phi computed inside the op (saves the torch calls at decode sizes)
         y, y_s = lib.linear(*rows, s_t, lora_B, scaling, s_s, FUSIONS.index(fusion))
     else:
-        y, y_s = lib.linear(*rows, sequence_fuse(s_s, s_t, fusion, params, seq_len), lora_B, scaling)
+        y, y_s = lib.linear(*rows, sequence_fuse(s_s, s_t, fusion, params, seq_len, fusion_mask), lora_B, scaling)
     return y, (y_s if source_out else None), s_t, s_s
 
 
@@ -134,11 +139,13 @@ def backward(
     s_s: torch.Tensor | None,
     seq_len: int,
     needs: tuple[bool, bool, bool, bool],
+    *,
+    fusion_mask: torch.Tensor | None = None,
 ) -> Grads:
     """Gradients for x (target rows), A, B and the fusion parameters; none for source or W."""
     if _needs_reference(x, lora_A):
-        return _reference_backward(dy, x, source, w, lora_A, lora_B, scaling, fusion, params, dropout_p, masks,
-                                   s_t, s_s, seq_len, needs)  # fmt: skip
+        return torch_backend.backward(dy, x, source, w, lora_A, lora_B, scaling, fusion, params, dropout_p, masks,
+                                      s_t, s_s, seq_len, needs, fusion_mask=fusion_mask)  # fmt: skip
     _check_dtype(x)
     lib = _lib()
     need_dx, need_da, need_db, _ = needs
@@ -153,7 +160,7 @@ def backward(
     s_t = s_t.float()
     s_s = s_s.float() if need_src_s else None
     dz, _ = lib.lora_down(dy, lora_B.t(), None, None, None, 1.0, scaling)  # scaling * dy B, fp32 [M, r]
-    ds_t, ds_s, z, d_params = rank_r_backward(dz, s_s, s_t, fusion, params, seq_len)
+    ds_t, ds_s, z, d_params = rank_r_backward(dz, s_s, s_t, fusion, params, seq_len, fusion_mask)
     dx = None
     if need_dx:
         dx = lib.linear_dx(dy, *_weight(w), n, k, w.blocksize, ds_t, lora_A, mask_t, keep)
@@ -172,39 +179,3 @@ def dequantize(weight: NF4Weight | NF4Tensors, dtype: torch.dtype = torch.float3
     (the same code paths the GEMMs use); bit-identical to bitsandbytes' ``dequantize_4bit``."""
     w = weight.tensors() if isinstance(weight, NF4Weight) else weight
     return _lib().dequantize(*_weight(w), w.out_features, w.in_features, w.blocksize, dtype)
-
-
-# ------------------------------------------------------------------------------------ float64
-def _seq_view(t: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
-    return None if t is None else t.reshape(-1, seq_len, t.shape[-1])
-
-
-def _reference_forward(x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks, seq_len,
-                       source_out):  # fmt: skip
-    out = flare_lora_reference(
-        _seq_view(x, seq_len), w, lora_A, lora_B, scaling, source=_seq_view(source, seq_len), fusion=fusion,
-        bias=bias, dropout_p=dropout_p, dropout_mask=_seq_view(masks[0], seq_len),
-        source_dropout_mask=_seq_view(masks[1], seq_len), fusion_params=params,
-        return_source_output=source_out and source is not None,
-    )  # fmt: skip
-    m, n, r = x.shape[0], w.out_features, lora_A.shape[0]
-    y_s = None if out.y_source is None else out.y_source.reshape(m, n)
-    s_s = out.s_source.reshape(m, r) if fusion_plan(fusion, source is not None)[1] else None
-    return out.y.reshape(m, n), y_s, out.s_target.reshape(m, r), s_s
-
-
-def _reference_backward(dy, x, source, w, lora_A, lora_B, scaling, fusion, params, dropout_p, masks, s_t, s_s,
-                        seq_len, needs):  # fmt: skip
-    need_dx, need_da, need_db, need_dparams = needs
-    g = flare_lora_backward(
-        _seq_view(dy, seq_len), _seq_view(x, seq_len), _seq_view(source, seq_len), w, lora_A, lora_B, scaling,
-        fusion=fusion, s_target=_seq_view(s_t, seq_len), s_source=_seq_view(s_s, seq_len), dropout_p=dropout_p,
-        dropout_mask=_seq_view(masks[0], seq_len), source_dropout_mask=_seq_view(masks[1], seq_len),
-        fusion_params=params,
-    )  # fmt: skip
-    return Grads(
-        g.dx.reshape(x.shape) if need_dx else None,
-        g.d_lora_A.to(lora_A.dtype) if need_da else None,
-        g.d_lora_B.to(lora_B.dtype) if need_db else None,
-        list(g.d_fusion_params) if need_dparams else [],
-    )

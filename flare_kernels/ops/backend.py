@@ -41,7 +41,7 @@ _last: str | None = None
 
 
 def get_backend() -> str:
-    """The requested backend (``auto``, ``triton`` or ``torch``)."""
+    """The requested backend (``auto``, ``triton``, ``cpu`` or ``torch``)."""
     return _requested
 
 
@@ -62,7 +62,7 @@ def use_backend(name: str):
 
 
 def last_backend() -> str | None:
-    """The backend that ran the most recent flare_kernels op (``triton`` or ``torch``), or None."""
+    """The backend that ran the most recent flare_kernels op (``triton``, ``cpu`` or ``torch``), or None."""
     return _last
 
 
@@ -77,9 +77,14 @@ def native_available() -> bool:
     return native.available()
 
 
-def resolve(device: torch.device) -> str:
-    """The backend that will run for tensors on ``device``; raises if the request cannot be met."""
+def resolve(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that will run for tensors on ``device``; raises if the request cannot be met.
+
+    ``auto`` sends float64 activations to the reference: neither kernel backend computes in fp64.
+    """
     if _requested == "torch":
+        return "torch"
+    if _requested == "auto" and dtype == torch.float64:
         return "torch"
     if _requested == "auto":
         if device.type == "cuda" and TRITON_AVAILABLE:

@@ -1,8 +1,9 @@
 """``torch.library`` registration of the FLARE-LoRA projection: forward op, backward op, autograd.
 
-Both ops take flattened 2-D activations (rows = tokens) and an NF4 weight as flat tensors; they
-route to the Triton launchers or the reference by ``backend.resolve`` (CPU: the reference; CUDA:
-Triton). Fake implementations make them traceable by ``torch.compile(fullgraph=True)``.
+Both ops take flattened 2-D activations (rows = tokens) and an NF4 weight as flat tensors, and run
+on the backend ``backend.resolve`` picks: the Triton launchers (``ops/launch.py``), the native CPU
+kernels (``native/``) or the reference (``ops/torch_backend.py``); the three share one signature.
+Fake implementations make them traceable by ``torch.compile(fullgraph=True)``.
 
 ``flare_kernels::flare_lora_fwd`` -> (y [M, N], y_source [M, N] or [0], s_t [M, r], s_s [M, r] or [0])
 ``flare_kernels::flare_lora_bwd`` -> [dx or [0], dA or [0], dB or [0], *d_fusion_params]
@@ -17,7 +18,6 @@ from typing import Optional
 import torch
 
 from ..format.nf4 import NF4Tensors
-from ..reference.flare_lora import flare_lora_backward, flare_lora_reference
 from . import backend
 
 Tensor = torch.Tensor
@@ -28,6 +28,7 @@ def intermediate_dtype(x: Tensor, lora_A: Tensor) -> torch.dtype:
 
 
 def needs_source_s(fusion: str, source: Optional[Tensor]) -> bool:
+    """Whether the fusion reads the source stream (fusion "none" only passes its base product)."""
     return source is not None and fusion != "none"
 
 
@@ -35,19 +36,28 @@ def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
 
-def _seq_view(t: Tensor | None, seq_len: int) -> Tensor | None:
-    return None if t is None else t.reshape(-1, seq_len, t.shape[-1])
-
-
 def _launcher(name: str):
-    """The module with ``forward`` / ``backward`` for a kernel backend."""
+    """The module with ``forward`` / ``backward`` (one signature) for a backend."""
     if name == "cpu":
         from .. import native
 
         return native
-    from . import launch
+    if name == "triton":
+        from . import launch
 
-    return launch
+        return launch
+    from . import torch_backend
+
+    return torch_backend
+
+
+def _autocast_off(device_type: str, fn, *args):
+    # The ops compute in the dtypes they are given, as PEFT's casts arrange; entering the context
+    # only when autocast is on saves its cost on every other call.
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+    return fn(*args)
 
 
 # ------------------------------------------------------------------------------ forward
@@ -74,39 +84,33 @@ def flare_lora_fwd(
     mask_s: Optional[Tensor],
     seq_len: int,
     source_out: bool,
+    source_base: Optional[Tensor],
+    fusion_mask: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    with torch.autocast(x.device.type, enabled=False):
-        return _forward_impl(
-            x, source, NF4Tensors(packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features,
-                                  x.shape[1], blocksize),
-            bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s, seq_len, source_out,
-        )  # fmt: skip
+    w = NF4Tensors(packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features, x.shape[1], blocksize)
+    return run_forward(x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
+                       seq_len, source_out, source_base, fusion_mask)  # fmt: skip
+
+
+def run_forward(x, source, w: NF4Tensors, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t,
+                mask_s, seq_len, source_out, source_base=None, fusion_mask=None):  # fmt: skip
+    """The forward op's body. Called directly (no dispatcher, no autograd node) by the functional
+    when no gradient is wanted, which saves about 80 us a call (a third of a decode step's layer
+    time on a CPU); it runs with autocast off, as the op does."""
+    return _autocast_off(x.device.type, _forward_impl, x, source, w, bias, lora_A, lora_B, scaling, fusion,
+                         fusion_params, dropout_p, mask_t, mask_s, seq_len, source_out, source_base,
+                         fusion_mask)  # fmt: skip
 
 
 def _forward_impl(x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
-                  seq_len, source_out):  # fmt: skip
-    out_features = w.out_features
-    name = backend.resolve(x.device)
+                  seq_len, source_out, source_base, fusion_mask):  # fmt: skip
+    name = backend.resolve(x.device, x.dtype)
     backend.record(name)
     acc = intermediate_dtype(x, lora_A)
-    if name in ("triton", "cpu"):
-        launch = _launcher(name)
-        y, y_s, s_t, s_s = launch.forward(
-            x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_params,
-            dropout_p, (mask_t, mask_s), seq_len, source_out,
-        )
-    else:
-        out = flare_lora_reference(
-            _seq_view(x, seq_len), w, lora_A, lora_B, scaling,
-            source=_seq_view(source, seq_len), fusion=fusion, bias=bias, dropout_p=dropout_p,
-            dropout_mask=_seq_view(mask_t, seq_len), source_dropout_mask=_seq_view(mask_s, seq_len),
-            fusion_params=fusion_params, return_source_output=source_out,
-        )
-        m, n, r = x.shape[0], out_features, lora_A.shape[0]
-        y = out.y.reshape(m, n)
-        y_s = None if out.y_source is None else out.y_source.reshape(m, n)
-        s_t = out.s_target.reshape(m, r)
-        s_s = out.s_source.reshape(m, r) if needs_source_s(fusion, source) else None
+    y, y_s, s_t, s_s = _launcher(name).forward(
+        x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_params,
+        dropout_p, (mask_t, mask_s), seq_len, source_out, source_base=source_base, fusion_mask=fusion_mask,
+    )  # fmt: skip
     # Outputs are contiguous whatever the backend computed, as the fake implementation promises.
     return (
         y.contiguous(),
@@ -119,7 +123,7 @@ def _forward_impl(x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_pa
 @flare_lora_fwd.register_fake
 def _(x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features,
       blocksize, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
-      seq_len, source_out):  # fmt: skip
+      seq_len, source_out, source_base, fusion_mask):  # fmt: skip
     m, r = x.shape[0], lora_A.shape[0]
     acc = intermediate_dtype(x, lora_A)
     y_s = x.new_empty((m, out_features)) if source_out and source is not None else _empty(x)
@@ -156,51 +160,35 @@ def flare_lora_bwd(
     need_da: bool,
     need_db: bool,
     need_dparams: bool,
+    fusion_mask: Optional[Tensor],
 ) -> list[Tensor]:
     w = NF4Tensors(packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features, x.shape[1], blocksize)
-    with torch.autocast(x.device.type, enabled=False):
-        return _backward_impl(dy, x, source, w, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p,
-                              mask_t, mask_s, s_t, s_s, seq_len, need_dx, need_da, need_db, need_dparams)  # fmt: skip
+    return _autocast_off(x.device.type, _backward_impl, dy, x, source, w, lora_A, lora_B, scaling, fusion,
+                         fusion_params, dropout_p, mask_t, mask_s, s_t, s_s, seq_len,
+                         (need_dx, need_da, need_db, need_dparams), fusion_mask)  # fmt: skip
 
 
 def _backward_impl(dy, x, source, w, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
-                   s_t, s_s, seq_len, need_dx, need_da, need_db, need_dparams):  # fmt: skip
-    name = backend.resolve(x.device)
+                   s_t, s_s, seq_len, needs, fusion_mask):  # fmt: skip
+    name = backend.resolve(x.device, x.dtype)
     backend.record(name)
-    needs = (need_dx, need_da, need_db, need_dparams)
-    if name in ("triton", "cpu"):
-        launch = _launcher(name)
-        s_src = s_s if needs_source_s(fusion, source) else None
-        g = launch.backward(
-            dy, x, source, w, lora_A, lora_B, scaling, fusion, fusion_params,
-            dropout_p, (mask_t, mask_s), s_t, s_src, seq_len, needs,
-        )
-        dx, da, db, dparams = g.dx, g.d_lora_A, g.d_lora_B, g.d_params
-    else:
-        g = flare_lora_backward(
-            _seq_view(dy, seq_len), _seq_view(x, seq_len), _seq_view(source, seq_len), w,
-            lora_A, lora_B, scaling, fusion=fusion,
-            s_target=_seq_view(s_t, seq_len),
-            s_source=_seq_view(s_s, seq_len) if needs_source_s(fusion, source) else None,
-            dropout_p=dropout_p, dropout_mask=_seq_view(mask_t, seq_len),
-            source_dropout_mask=_seq_view(mask_s, seq_len), fusion_params=fusion_params,
-        )
-        dx = g.dx.reshape(x.shape) if need_dx else None
-        da = g.d_lora_A.to(lora_A.dtype) if need_da else None
-        db = g.d_lora_B.to(lora_B.dtype) if need_db else None
-        dparams = g.d_fusion_params
+    g = _launcher(name).backward(
+        dy, x, source, w, lora_A, lora_B, scaling, fusion, fusion_params,
+        dropout_p, (mask_t, mask_s), s_t, s_s if needs_source_s(fusion, source) else None, seq_len, needs,
+        fusion_mask=fusion_mask,
+    )  # fmt: skip
     return [
-        _empty(x) if dx is None else dx.contiguous(),
-        _empty(lora_A) if da is None else da.contiguous(),
-        _empty(lora_B) if db is None else db.contiguous(),
-        *([p.contiguous() for p in dparams] if need_dparams else []),
+        _empty(x) if g.dx is None else g.dx.contiguous(),
+        _empty(lora_A) if g.d_lora_A is None else g.d_lora_A.contiguous(),
+        _empty(lora_B) if g.d_lora_B is None else g.d_lora_B.contiguous(),
+        *([p.contiguous() for p in g.d_params] if needs[3] else []),
     ]
 
 
 @flare_lora_bwd.register_fake
 def _(dy, x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features,
       blocksize, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s, s_t, s_s,
-      seq_len, need_dx, need_da, need_db, need_dparams):  # fmt: skip
+      seq_len, need_dx, need_da, need_db, need_dparams, fusion_mask):  # fmt: skip
     return [
         x.new_empty(x.shape) if need_dx else _empty(x),
         lora_A.new_empty(lora_A.shape) if need_da else _empty(lora_A),
@@ -210,28 +198,30 @@ def _(dy, x, source, packed, absmax, code, nested_absmax, nested_code, nested_of
 
 
 # ------------------------------------------------------------------------------ autograd
-# Positions of the differentiable inputs of flare_lora_fwd.
-_X, _BIAS, _A, _B, _PARAMS = 0, 10, 11, 12, 15
+# Positions of the differentiable inputs of flare_lora_fwd; it has 23 inputs.
+_X, _BIAS, _A, _B, _PARAMS, _N_INPUTS = 0, 10, 11, 12, 15, 23
 
 
 def _setup_context(ctx, inputs, output):
     (x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features,
      blocksize, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
-     seq_len, source_out) = inputs  # fmt: skip
+     seq_len, source_out, source_base, fusion_mask) = inputs  # fmt: skip
     _, y_s, s_t, s_s = output
     # Saved: activations, masks, the rank-r intermediates and the 4-bit weight as stored; never a
-    # dequantized weight.
+    # dequantized weight. A fusion that does not read the source (fusion "none": the source rows
+    # only get their base product) keeps neither the source rows nor their mask.
+    reads_source = needs_source_s(fusion, source)
     ctx.save_for_backward(
-        x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset,
-        lora_A, lora_B, mask_t, mask_s, s_t, s_s, *fusion_params,
-    )
+        x, source if reads_source else None, packed, absmax, code, nested_absmax, nested_code, nested_offset,
+        lora_A, lora_B, mask_t, mask_s if reads_source else None, s_t, s_s, fusion_mask, *fusion_params,
+    )  # fmt: skip
     ctx.meta = (out_features, blocksize, scaling, fusion, dropout_p, seq_len, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(y_s, s_t, s_s)
 
 
 def _backward(ctx, dy, dy_source, ds_t, ds_s):
     (x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset,
-     lora_A, lora_B, mask_t, mask_s, s_t, s_s, *params) = ctx.saved_tensors  # fmt: skip
+     lora_A, lora_B, mask_t, mask_s, s_t, s_s, fusion_mask, *params) = ctx.saved_tensors  # fmt: skip
     out_features, blocksize, scaling, fusion, dropout_p, seq_len, bias_dtype = ctx.meta
     needs = ctx.needs_input_grad
     need_dparams = bool(needs[_PARAMS]) and any(needs[_PARAMS])
@@ -239,23 +229,16 @@ def _backward(ctx, dy, dy_source, ds_t, ds_s):
         dy, x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset,
         out_features, blocksize, lora_A, lora_B, scaling, fusion, params, dropout_p,
         mask_t, mask_s, s_t, s_s, seq_len,
-        needs[_X], needs[_A], needs[_B], need_dparams,
-    )
-    dx, da, db, dparams = grads[0], grads[1], grads[2], grads[3:]
-    dbias = None
+        needs[_X], needs[_A], needs[_B], need_dparams, fusion_mask,
+    )  # fmt: skip
+    result: list = [None] * _N_INPUTS
+    result[_X] = grads[0] if needs[_X] else None
+    result[_A] = grads[1] if needs[_A] else None
+    result[_B] = grads[2] if needs[_B] else None
+    result[_PARAMS] = list(grads[3:]) if need_dparams else [None] * len(params)
     if bias_dtype is not None and needs[_BIAS]:
-        dbias = dy.sum(dim=0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(bias_dtype)
-    return (
-        dx if needs[_X] else None,
-        None, None, None, None, None, None, None, None, None,
-        dbias,
-        da if needs[_A] else None,
-        db if needs[_B] else None,
-        None, None,
-        list(dparams) if need_dparams else [None] * len(params),
-        None, None, None, None, None,
-    )
+        result[_BIAS] = dy.sum(dim=0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(bias_dtype)
+    return tuple(result)
 
 
 torch.library.register_autograd("flare_kernels::flare_lora_fwd", _backward, setup_context=_setup_context)
-

@@ -9,7 +9,7 @@ import torch
 
 from ..format.nf4 import NF4Weight
 from ..reference.fusion import FUSION_PARAM_COUNT, FUSIONS
-from .custom_ops import flare_lora_fwd
+from .custom_ops import flare_lora_fwd, run_forward
 
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -103,6 +103,24 @@ def _validate(x, weight, lora_A, lora_B, scaling, source, fusion, bias, dropout_
             raise ValueError(f"{name} must be a bool tensor of the shape of its stream {_shape(x)}, got {mask.dtype} {_shape(mask)}")
 
 
+def _validate_extras(x, source, source_base, fusion_mask) -> None:
+    if source_base is not None:
+        _check_tensor("source_base", source_base, x.device)
+        if source is None:
+            raise ValueError("source_base is the source stream's base input: it needs a source")
+        if _shape(source_base) != _shape(x) or source_base.dtype != x.dtype:
+            raise ValueError(
+                f"source_base must match x, got {source_base.dtype} {_shape(source_base)} and {x.dtype} {_shape(x)}"
+            )
+    if fusion_mask is not None:
+        _check_tensor("fusion_mask", fusion_mask, x.device)
+        if fusion_mask.dtype != torch.bool or _shape(fusion_mask) != _shape(x)[:-1]:
+            raise ValueError(
+                f"fusion_mask must be a bool tensor of x's leading shape {_shape(x)[:-1]}, got "
+                f"{fusion_mask.dtype} {_shape(fusion_mask)}"
+            )
+
+
 def flare_lora_linear(
     x: torch.Tensor,
     weight,
@@ -119,6 +137,8 @@ def flare_lora_linear(
     dropout_mask: torch.Tensor | None = None,
     source_dropout_mask: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    source_base: torch.Tensor | None = None,
+    fusion_mask: torch.Tensor | None = None,
 ):
     """FLARE-LoRA projection over a 4-bit NF4 base weight, forward and backward.
 
@@ -135,11 +155,17 @@ def flare_lora_linear(
 
     Returns y [..., out], or (y, y_source) with ``return_source_output`` (y_source = source W0^T + b,
     no gradient; None without a source).
+
+    ``source_base`` (shape of x): the rows whose base product is y_source when they are not the
+    fused ``source`` rows (the paper's residual variant fuses the block input): still one pass
+    over W0 for both streams. ``fusion_mask`` (bool [..., L], True = real token): key-padding mask
+    of the sequence-level fusions, so padded positions do not enter t^T t or the attention.
     """
     weight = _as_nf4(weight)
     fusion_params = tuple(fusion_params)
     _validate(x, weight, lora_A, lora_B, scaling, source, fusion, bias, dropout_p, fusion_params,
               dropout_mask, source_dropout_mask)  # fmt: skip
+    _validate_extras(x, source, source_base, fusion_mask)
     if source is None:
         fusion_params = ()
     device_type = x.device.type
@@ -149,13 +175,16 @@ def flare_lora_linear(
         adt = torch.get_autocast_dtype(device_type)
         lora_A, lora_B = lora_A.to(adt), lora_B.to(adt)
         fusion_params = tuple(p.to(adt) for p in fusion_params)
+    reads_source = source is not None and fusion != "none"
     if dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)
-        if source is not None and source_dropout_mask is None:
+        if reads_source and source_dropout_mask is None:
             source_dropout_mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)
     else:
         dropout_mask = source_dropout_mask = None
+    if not reads_source:
+        source_dropout_mask = None  # fusion "none" never reads the source stream's adapter input
 
     in_dtype = x.dtype
     cdt = compute_dtype or weight.compute_dtype or x.dtype
@@ -165,12 +194,22 @@ def flare_lora_linear(
     s2 = None if source is None else source.to(cdt).reshape(-1, k)
     m2 = None if dropout_mask is None else dropout_mask.reshape(-1, k)
     ms2 = None if source_dropout_mask is None else source_dropout_mask.reshape(-1, k)
+    sb2 = None if source_base is None or source is None else source_base.to(cdt).reshape(-1, k)
+    fm2 = None if fusion_mask is None or source is None else fusion_mask.reshape(-1)
     w = weight.tensors()
-    y, y_s, _, _ = flare_lora_fwd(
-        x2, s2, w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.nested_offset,
-        w.out_features, w.blocksize, bias, lora_A, lora_B, float(scaling), fusion, list(fusion_params),
-        float(dropout_p), m2, ms2, seq_len, bool(return_source_output and source is not None),
-    )
+    source_out = bool(return_source_output and source is not None)
+    differentiable = (x, bias, lora_A, lora_B, *fusion_params)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable) or (
+        torch.compiler.is_compiling()
+    ):
+        y, y_s, _, _ = flare_lora_fwd(
+            x2, s2, w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.nested_offset,
+            w.out_features, w.blocksize, bias, lora_A, lora_B, float(scaling), fusion, list(fusion_params),
+            float(dropout_p), m2, ms2, seq_len, source_out, sb2, fm2,
+        )  # fmt: skip
+    else:  # nothing to differentiate: the op's body without the dispatcher (inference, decoding)
+        y, y_s, _, _ = run_forward(x2, s2, w, bias, lora_A, lora_B, float(scaling), fusion, list(fusion_params),
+                                   float(dropout_p), m2, ms2, seq_len, source_out, sb2, fm2)  # fmt: skip
     y = y.view(*lead, w.out_features).to(in_dtype)
     if not return_source_output:
         return y

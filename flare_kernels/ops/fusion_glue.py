@@ -35,13 +35,19 @@ def keep_scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p > 0.0 else 1.0
 
 
+def _seq_mask(mask: torch.Tensor | None, m: int, seq_len: int) -> torch.Tensor | None:
+    return None if mask is None else mask.view(m // seq_len, seq_len)
+
+
 def sequence_fuse(
-    s_s: torch.Tensor, s_t: torch.Tensor, fusion: str, params: Sequence[torch.Tensor], seq_len: int
+    s_s: torch.Tensor, s_t: torch.Tensor, fusion: str, params: Sequence[torch.Tensor], seq_len: int,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """phi for a sequence-level fusion over flattened rows ([M, r], sequences of ``seq_len``)."""
+    """phi for a sequence-level fusion over flattened rows ([M, r], sequences of ``seq_len``;
+    ``mask`` [M] marks real positions)."""
     m, r = s_t.shape
     shape = (m // seq_len, seq_len, r)
-    z = fuse(s_s.view(shape), s_t.view(shape), fusion, [p.float() for p in params])
+    z = fuse(s_s.view(shape), s_t.view(shape), fusion, [p.float() for p in params], _seq_mask(mask, m, seq_len))
     return z.reshape(m, r)
 
 
@@ -52,6 +58,7 @@ def rank_r_backward(
     fusion: str,
     params: Sequence[torch.Tensor],
     seq_len: int,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
     """Given dz = d phi (fp32 [M, r]): (ds_t, ds_s or None, z = phi(s_s, s_t), d params in their dtypes)."""
     m, r = s_t.shape
@@ -61,8 +68,9 @@ def rank_r_backward(
     else:
         shape = (m // seq_len, seq_len, r)
         params32 = [p.float() for p in params]
-        z = sequence_fuse(s_s, s_t, fusion, params32, seq_len)
-        g_s, g_t, d_params = fuse_backward(dz.view(shape), s_s.view(shape), s_t.view(shape), fusion, params32)
+        z = sequence_fuse(s_s, s_t, fusion, params32, seq_len, mask)
+        g_s, g_t, d_params = fuse_backward(dz.view(shape), s_s.view(shape), s_t.view(shape), fusion, params32,
+                                           _seq_mask(mask, m, seq_len))  # fmt: skip
         d_params = [g.to(p.dtype) for g, p in zip(d_params, params)]
     ds_s = None if s_s is None or g_s is None else g_s.reshape(m, r)
     return g_t.reshape(m, r), ds_s, z, d_params

@@ -204,8 +204,15 @@ def forward(
     seq_len: int,
     source_out: bool,
     fuse_down: bool | None = None,
+    *,
+    source_base: torch.Tensor | None = None,
+    fusion_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """(y_t [M, N], y_s [M, N] or None, s_t [M, R] fp32, s_s [M, R] fp32 or None)."""
+    """(y_t [M, N], y_s [M, N] or None, s_t [M, R] fp32, s_s [M, R] fp32 or None).
+
+    ``source_base``: rows whose base product is y_s, when not the fused ``source`` rows;
+    ``fusion_mask`` [M]: real positions, for sequence-level fusions.
+    """
     _check_dtype(x)
     m, k = x.shape
     n, r = w.out_features, lora_A.shape[0]
@@ -221,19 +228,21 @@ def forward(
     # In the base K loop the down-projection must be as cheap as the base tile's dot: same dtype
     # (an fp32 adapter against 16-bit activations runs its fp32 products in their own pass).
     same_precision = lora_A.dtype == x.dtype
+    # With a separate source_base the GEMM's source rows are not the fused ones: s_s needs its pass.
     fuse_down = (FUSE_DOWN_DEFAULT if fuse_down is None else fuse_down) and per_token and same_precision
+    fuse_down = fuse_down and source_base is None
     dropout = dropout_p > 0.0
     z = None
     if not fuse_down:
         s_t, s_ss = lora_down(x, source if need_src_s else None, lora_A, masks=masks, dropout_p=dropout_p)
         s_s = s_ss if need_src_s else None
         if not per_token:
-            z = _sequence_fuse(s_s, s_t, fusion, params, seq_len)
+            z = _sequence_fuse(s_s, s_t, fusion, params, seq_len, fusion_mask)
 
     tiles = _gemm_tiles(m, two_streams=source_out)
     mask_t = _as_u8(masks[0], s_t.view(torch.uint8))
     mask_s = _as_u8(masks[1], mask_t)
-    xs = source if source is not None else x
+    xs = x if source is None else (source if source_base is None else source_base)
     grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
     flare_fwd_kernel[grid](
         x, *_strides(x), xs, *_strides(xs),
@@ -275,6 +284,8 @@ def backward(
     s_s: torch.Tensor | None,
     seq_len: int,
     needs: tuple[bool, bool, bool, bool],
+    *,
+    fusion_mask: torch.Tensor | None = None,
 ) -> Grads:
     """Gradients for x (target rows), A, B and the fusion parameters; none for source or W."""
     _check_dtype(x)
@@ -299,7 +310,7 @@ def backward(
         z = s_t if fusion == "none" else fuse(s_s, s_t, fusion)
     else:
         dz, _ = lora_down(dy, None, lora_B.t(), out_scale=scaling)  # B^T's dtype sets the precision
-        g_t, g_s, z, d_params = rank_r_backward(dz, s_s, s_t, fusion, params, seq_len)
+        g_t, g_s, z, d_params = rank_r_backward(dz, s_s, s_t, fusion, params, seq_len, fusion_mask)
         ds_t.copy_(g_t)
         if need_src_s:
             ds_s.copy_(g_s)

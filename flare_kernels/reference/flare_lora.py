@@ -77,6 +77,7 @@ def lora_forward(
     dropout_mask: torch.Tensor | None = None,
     source_dropout_mask: torch.Tensor | None = None,
     fusion_params: Sequence[torch.Tensor] = (),
+    fusion_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The LoRA + fusion branch: returns (update in the adapter dtype, s_target, s_source)."""
     adapter_dtype = lora_A.dtype
@@ -85,7 +86,7 @@ def lora_forward(
     if source is not None:
         xs = source.detach().to(adapter_dtype)
         s_s = F.linear(apply_dropout(xs, source_dropout_mask, dropout_p), lora_A)
-    z = fuse(s_s, s_t, fusion, fusion_params)
+    z = fuse(s_s, s_t, fusion, fusion_params, fusion_mask)
     return F.linear(z, lora_B) * scaling, s_t, s_s
 
 
@@ -105,10 +106,15 @@ def flare_lora_reference(
     fusion_params: Sequence[torch.Tensor] = (),
     compute_dtype: torch.dtype | None = None,
     return_source_output: bool = False,
+    source_base: torch.Tensor | None = None,
+    fusion_mask: torch.Tensor | None = None,
 ) -> FlareOutput:
     """Reference FLARE-LoRA projection; x and source are [..., L, K] (sequence fusions mix dim -2).
 
     With ``dropout_p > 0`` and no mask given, masks are drawn here (independently per stream).
+    ``source_base``: the rows whose base product is ``y_source`` when they differ from the fused
+    ``source`` (the paper's residual-stream variant fuses the block input); default ``source``.
+    ``fusion_mask`` [..., L]: key-padding mask of the sequence-level fusions (True = real token).
     """
     if dropout_p > 0.0:
         if dropout_mask is None:
@@ -127,12 +133,13 @@ def flare_lora_reference(
         dropout_mask=dropout_mask,
         source_dropout_mask=source_dropout_mask,
         fusion_params=fusion_params,
+        fusion_mask=fusion_mask,
     )
     y = base_forward(x, w, bias) + update.to(x.dtype)
     y_source = None
     if source is not None and return_source_output:
         with torch.no_grad():
-            y_source = base_forward(source, w, bias)
+            y_source = base_forward(source if source_base is None else source_base, w, bias)
     return FlareOutput(y, y_source, s_t, s_s)
 
 
@@ -159,6 +166,7 @@ def flare_lora_backward(
     dropout_mask: torch.Tensor | None = None,
     source_dropout_mask: torch.Tensor | None = None,
     fusion_params: Sequence[torch.Tensor] = (),
+    fusion_mask: torch.Tensor | None = None,
 ) -> FlareGrads:
     """Explicit gradients of :func:`flare_lora_reference`'s y (x in the compute dtype, no bias).
 
@@ -169,11 +177,11 @@ def flare_lora_backward(
     ad = lora_A.dtype
     s_t = s_target.to(ad)
     s_s = None if s_source is None else s_source.to(ad)
-    z = fuse(s_s, s_t, fusion, fusion_params)
+    z = fuse(s_s, s_t, fusion, fusion_params, fusion_mask)
     dup = dy.to(ad) * scaling  # gradient of F.linear(z, B) (the update before scaling)
     d_b = dup.reshape(-1, dup.shape[-1]).transpose(0, 1) @ z.reshape(-1, z.shape[-1])
     dz = dup @ lora_B
-    ds_s, ds_t, d_params = fuse_backward(dz, s_s, s_t, fusion, fusion_params)
+    ds_s, ds_t, d_params = fuse_backward(dz, s_s, s_t, fusion, fusion_params, fusion_mask)
     xd_t = apply_dropout(x.to(ad), dropout_mask, dropout_p)
 
     def rows(a: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,10 @@ sequence-level ones mix the L positions of one sequence (dim -2) and never acros
 | cross_attention | softmax((s Wq^T + bq)(t Wk^T + bk)^T / sqrt(r)) (t Wv^T + bv) | sequence |
 
 Without a source stream every function is plain LoRA: phi = t.
+
+Sequence-level functions take an optional key-padding ``mask`` [..., L] (True = a real position):
+padded positions then contribute nothing (their rows of t leave t^T t and the keys/values of the
+attention), so phi at a real position does not depend on how much padding the batch carries.
 """
 
 from __future__ import annotations
@@ -43,13 +47,32 @@ def is_per_token(fusion: str) -> bool:
     return fusion in PER_TOKEN_FUSIONS
 
 
+def _keep_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # where, not a product: a NaN at a padded position must not leak in.
+    return t if mask is None else torch.where(mask[..., None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _attention_probs(q, k, mask, r):
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(r)
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    keys = mask[..., None, :]
+    probs = torch.softmax(scores.masked_fill(~keys, float("-inf")), dim=-1)
+    # A sequence with no real position attends to nothing (softmax over no keys would be NaN).
+    return torch.where(keys.any(dim=-1, keepdim=True), probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+
+
 def fuse(
     s: torch.Tensor | None,
     t: torch.Tensor,
     fusion: str,
     params: Sequence[torch.Tensor] = (),
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """phi(s, t) for [..., L, r] inputs (any float dtype); ``s=None`` means no source: returns t."""
+    """phi(s, t) for [..., L, r] inputs (any float dtype); ``s=None`` means no source: returns t.
+
+    ``mask`` [..., L] (bool, True = real position) applies to the sequence-level functions only.
+    """
     fusion_index(fusion)
     if s is None or fusion == "none":
         return t
@@ -60,16 +83,16 @@ def fuse(
     if fusion == "add_relu":
         return F.relu(s) + F.relu(t)
     if fusion == "matmul":
-        return s @ (t.transpose(-1, -2) @ t)
+        tk = _keep_rows(t, mask)
+        return s @ (tk.transpose(-1, -2) @ tk)
     if fusion == "matmul_relu":
-        rt = F.relu(t)
+        rt = _keep_rows(F.relu(t), mask)
         return F.relu(s) @ (rt.transpose(-1, -2) @ rt)
     wq, bq, wk, bk, wv, bv = params
     q = F.linear(s, wq, bq)
     k = F.linear(t, wk, bk)
     v = F.linear(t, wv, bv)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(t.shape[-1])
-    return torch.softmax(scores, dim=-1) @ v
+    return _attention_probs(q, k, mask, t.shape[-1]) @ v
 
 
 def _relu_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +106,7 @@ def fuse_backward(
     t: torch.Tensor,
     fusion: str,
     params: Sequence[torch.Tensor] = (),
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
     """Explicit gradients of :func:`fuse`: (ds or None, dt, d params), same dtypes as the inputs.
 
@@ -101,10 +125,11 @@ def fuse_backward(
     if fusion in ("matmul", "matmul_relu"):
         relu = fusion == "matmul_relu"
         ls, lt = (F.relu(s), F.relu(t)) if relu else (s, t)
+        lt = _keep_rows(lt, mask)
         gram = lt.transpose(-1, -2) @ lt  # [.., r, r], symmetric
         ds = dz @ gram
         dgram = ls.transpose(-1, -2) @ dz
-        dt = lt @ (dgram + dgram.transpose(-1, -2))
+        dt = _keep_rows(lt @ (dgram + dgram.transpose(-1, -2)), mask)
         if relu:
             ds, dt = _relu_grad(ds, s), _relu_grad(dt, t)
         return ds, dt, []
@@ -113,7 +138,7 @@ def fuse_backward(
     q = F.linear(s, wq, bq)
     k = F.linear(t, wk, bk)
     v = F.linear(t, wv, bv)
-    probs = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(r), dim=-1)
+    probs = _attention_probs(q, k, mask, r)  # zero at padded keys: they get no gradient either
     dv = probs.transpose(-1, -2) @ dz
     dprobs = dz @ v.transpose(-1, -2)
     dscores = probs * (dprobs - (dprobs * probs).sum(dim=-1, keepdim=True)) / math.sqrt(r)

@@ -276,7 +276,9 @@ def test_source_rows_cost_no_backward_in_the_projections(monkeypatch):
     ids, mask, sids, smask = random_streams("llama", batch=3, length=8, seed=14)
     fm(ids, mask, sids, smask, labels=ids).loss.backward()
     assert len(rows) == len(fm.projections())
-    assert set(rows) == {(3 * 8, 3 * 8, 3 * 8)}  # B * L target rows (the source rides along for dA)
+    # B * L target rows everywhere; the source rides along for dA only where the fusion reads it.
+    n_fusion = len(fm.fusion_projections())
+    assert sorted(rows, key=str) == sorted([(24, 24, 24)] * n_fusion + [(24, 24, None)] * (len(rows) - n_fusion), key=str)
 
 
 def test_hidden_states_and_attentions_are_the_target_rows():
@@ -289,3 +291,20 @@ def test_hidden_states_and_attentions_are_the_target_rows():
     assert len(out.hidden_states) == 3 and all(h.shape == (3, 8, 64) for h in out.hidden_states)
     assert all(a.shape[0] == 3 for a in out.attentions)
     assert_close_scaled(out.hidden_states[0], plain.hidden_states[0], rtol=0, atol=0)  # embeddings: no fusion yet
+
+
+@pytest.mark.parametrize("fusion", ["matmul", "matmul_relu", "cross_attention"])
+def test_sequence_fusions_do_not_depend_on_batch_padding(fusion):
+    """The target's attention mask is the sequence fusions' key-padding mask: a sentence gives the
+    same logits alone and right-padded in a batch with a longer one."""
+    fm = _flare("xlm-roberta", config=flare.FlareConfig(fusion=fusion)).eval()
+    ids, _, sids, _ = random_streams("xlm-roberta", batch=1, length=6, seed=31, padded=False)
+    long_ids, _, long_sids, _ = random_streams("xlm-roberta", batch=1, length=9, seed=32, padded=False)
+    pad = torch.ones(1, 3, dtype=ids.dtype)  # XLM-R's pad id
+    batch_ids = torch.cat([torch.cat([ids, pad], 1), long_ids])
+    batch_sids = torch.cat([torch.cat([sids, pad], 1), long_sids])
+    mask = torch.cat([torch.tensor([[1] * 6 + [0] * 3]), torch.ones(1, 9, dtype=torch.long)])
+    with torch.no_grad():
+        alone = fm(ids, torch.ones_like(ids), sids, torch.ones_like(sids)).logits
+        batched = fm(batch_ids, mask, batch_sids, mask.clone()).logits
+    assert_close_scaled(batched[:1], alone, rtol=1e-5, atol=1e-5)

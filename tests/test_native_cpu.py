@@ -19,7 +19,6 @@ import flare_kernels
 from cases import Case, make_problem, run
 from flare_kernels import NF4Weight, flare_lora_linear, native, quantize_nf4
 from flare_kernels.format import VALID_BLOCKSIZES
-from flare_kernels.ops.custom_ops import flare_lora_fwd
 from tolerance import assert_tolerance
 
 try:  # the Triton kernels' cases (test_kernels imports the Triton launchers)

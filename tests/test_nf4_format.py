@@ -1,7 +1,6 @@
 """NF4 storage format: bytes and values bit-identical to bitsandbytes (the oracle)."""
 
 import itertools
-import warnings
 
 import pytest
 import torch

@@ -20,7 +20,7 @@ _loaded = False
 
 
 def _load() -> None:
-    global _ops, _error, _loaded
+    global _ops, _error
     spec = importlib.util.find_spec("flare_kernels._C")
     if spec is None or not spec.origin:
         _error = (

@@ -255,7 +255,7 @@ def ratio(results: dict, t: Target) -> tuple[float, str] | None:
     return cell[best]["p50"] / cell[t.ours]["p50"], best
 
 
-def print_table(results: dict) -> None:
+def print_table(results: dict, print=print) -> None:
     print(f"\n{'cell':18s} {'provider':22s} {'p50 ms':>9s} {'p20-p80 ms':>17s} {'vs native':>10s}")
     for key, cell in results.items():
         ours = cell.get("native", {}).get("p50")
@@ -333,11 +333,20 @@ def main(argv=None) -> None:
         check_rel_diff=measured["check_rel_diff"],
         shape=SHAPE.label, r=R, fusion=FUSION, activations=str(ACT_DTYPE), adapters="float32",
     )
-    print_table(measured["results"])
-    print(f"load average before {meta['load_average_before']}, after {meta['load_average_after']}; "
-          f"{meta['seconds']} s; native vs bitsandbytes + PEFT output: {meta['check_rel_diff']:.1e} relative")
+    lines: list[str] = []
+
+    def report(*parts: object) -> None:  # the table goes to stdout and, verbatim, to cpu_native.txt
+        lines.append(" ".join(str(p) for p in parts))
+        print(*parts)
+
+    report(f"{meta['command']}  (native kernels: {meta['native_isa']}; torch threads {meta['torch_threads']}; "
+           f"commit {meta['environment']['commit']})")  # fmt: skip
+    print_table(measured["results"], print=report)
+    report(f"load average before {meta['load_average_before']}, after {meta['load_average_after']}; "
+           f"{meta['seconds']} s; native vs bitsandbytes + PEFT output: {meta['check_rel_diff']:.1e} relative")
     write(measured["results"], meta, args.out)
-    print(f"wrote {args.out / 'cpu_native.csv'} and {args.out / 'cpu_native.json'}")
+    (args.out / "cpu_native.txt").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'cpu_native.csv'}, .json and .txt")
 
 
 if __name__ == "__main__":

@@ -134,3 +134,22 @@ def run(problem: Problem, backend: str, dtype: torch.dtype, adapter_dtype: torch
     if src is not None:
         grads.update({f"param{i}": p.grad for i, p in enumerate(params)})
     return Result(y.detach(), y_s, grads)
+
+
+def check_against_reference(case: Case, device, backend: str, **kwargs) -> None:
+    """Forward (both streams) and every gradient of ``backend`` against the float64 reference on
+    the same inputs, by the tolerance rule; PyTorch at the input precision is the yardstick."""
+    from tolerance import assert_tolerance
+
+    problem = make_problem(case, device)
+    out = run(problem, backend, case.dtype, case.adapter, **kwargs)
+    low = run(problem, "torch", case.dtype, case.adapter)
+    ref = run(problem, "torch", torch.float64, inputs_from=case.dtype, adapter_inputs_from=case.adapter or case.dtype)
+    assert_tolerance(out.y, ref.y, low.y, "y")
+    if case.source:
+        assert_tolerance(out.y_source, ref.y_source, low.y_source, "y_source")
+    else:
+        assert out.y_source is None
+    for name, g in ref.grads.items():
+        assert out.grads[name] is not None, f"no gradient for {name}"
+        assert_tolerance(out.grads[name], g, low.grads[name], f"d{name}")

@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
-from cases import Case, make_problem, run
+import cases
+from cases import Case
 from flare_kernels.ops import launch
-from tolerance import assert_tolerance
 
 FUSIONS = ("none", "add", "mul", "add_relu", "matmul", "matmul_relu", "cross_attention")
 BASE = Case()
@@ -48,18 +48,7 @@ CASES = [
 
 
 def check_against_reference(case: Case, device, **kwargs):
-    problem = make_problem(case, device)
-    out = run(problem, "triton", case.dtype, case.adapter, **kwargs)
-    low = run(problem, "torch", case.dtype, case.adapter)
-    ref = run(problem, "torch", torch.float64, inputs_from=case.dtype, adapter_inputs_from=case.adapter or case.dtype)
-    assert_tolerance(out.y, ref.y, low.y, "y")
-    if case.source:
-        assert_tolerance(out.y_source, ref.y_source, low.y_source, "y_source")
-    else:
-        assert out.y_source is None
-    for name, g in ref.grads.items():
-        assert out.grads[name] is not None, f"no gradient for {name}"
-        assert_tolerance(out.grads[name], g, low.grads[name], f"d{name}")
+    cases.check_against_reference(case, device, "triton", **kwargs)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import flare_kernels
-from cases import Case, make_problem, run
+import cases
+from cases import Case
 from flare_kernels import NF4Weight, flare_lora_linear, native, quantize_nf4
 from flare_kernels.format import VALID_BLOCKSIZES
 from tolerance import assert_tolerance
@@ -43,18 +44,7 @@ def isa(request):
 
 
 def check_against_reference(case: Case, **kwargs):
-    problem = make_problem(case, "cpu")
-    out = run(problem, "cpu", case.dtype, case.adapter, **kwargs)
-    low = run(problem, "torch", case.dtype, case.adapter)
-    ref = run(problem, "torch", torch.float64, inputs_from=case.dtype, adapter_inputs_from=case.adapter or case.dtype)
-    assert_tolerance(out.y, ref.y, low.y, "y")
-    if case.source:
-        assert_tolerance(out.y_source, ref.y_source, low.y_source, "y_source")
-    else:
-        assert out.y_source is None
-    for name, g in ref.grads.items():
-        assert out.grads[name] is not None, f"no gradient for {name}"
-        assert_tolerance(out.grads[name], g, low.grads[name], f"d{name}")
+    cases.check_against_reference(case, "cpu", "cpu", **kwargs)
 
 
 # ---------------------------------------------------------------------------- the kernel cases

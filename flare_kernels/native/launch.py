@@ -22,13 +22,12 @@ would.
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 
 from ..format.nf4 import NF4Tensors, NF4Weight
 from ..ops import torch_backend
-from ..ops.fusion_glue import Grads, fusion_plan, keep_scale, rank_r_backward, sequence_fuse, zero_grads
+from ..ops.fusion_glue import Grads, LoraCall, fusion_plan, keep_scale, rank_r_backward, sequence_fuse, zero_grads
 from ..reference.fusion import FUSIONS, is_per_token
 from ._library import load_error, ops
 
@@ -69,33 +68,17 @@ def _masks(masks, dropout_p: float, need_src_s: bool):
 
 # ------------------------------------------------------------------------------------ forward
 def forward(
-    x: torch.Tensor,
-    source: torch.Tensor | None,
-    w: NF4Tensors,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    fusion: str,
-    params: Sequence[torch.Tensor],
-    dropout_p: float,
-    masks: tuple[torch.Tensor | None, torch.Tensor | None],
-    seq_len: int,
-    source_out: bool,
-    fuse_down: bool | None = None,
-    *,
-    source_base: torch.Tensor | None = None,
-    fusion_mask: torch.Tensor | None = None,
+    call: LoraCall, source_out: bool, fuse_down: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(y_t [M, N], y_s [M, N] or None, s_t [M, R] fp32, s_s [M, R] fp32 or None).
 
     ``fuse_down`` is accepted for signature parity with the Triton launcher; on the CPU the
     down-projection is always its own pass.
     """
+    (x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks, seq_len, source_base,
+     fusion_mask) = call
     if _needs_reference(x, lora_A):
-        return torch_backend.forward(x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks,
-                                     seq_len, source_out, source_base=source_base,
-                                     fusion_mask=fusion_mask)  # fmt: skip
+        return torch_backend.forward(call, source_out)
     _check_dtype(x)
     lib = _lib()
     m, k = x.shape
@@ -124,28 +107,13 @@ def forward(
 
 # ------------------------------------------------------------------------------------ backward
 def backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    source: torch.Tensor | None,
-    w: NF4Tensors,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    fusion: str,
-    params: Sequence[torch.Tensor],
-    dropout_p: float,
-    masks: tuple[torch.Tensor | None, torch.Tensor | None],
-    s_t: torch.Tensor,
-    s_s: torch.Tensor | None,
-    seq_len: int,
-    needs: tuple[bool, bool, bool, bool],
-    *,
-    fusion_mask: torch.Tensor | None = None,
+    call: LoraCall, dy: torch.Tensor, s_t: torch.Tensor, s_s: torch.Tensor | None, needs: tuple[bool, bool, bool, bool]
 ) -> Grads:
     """Gradients for x (target rows), A, B and the fusion parameters; none for source or W."""
+    (x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks, seq_len, source_base,
+     fusion_mask) = call
     if _needs_reference(x, lora_A):
-        return torch_backend.backward(dy, x, source, w, lora_A, lora_B, scaling, fusion, params, dropout_p, masks,
-                                      s_t, s_s, seq_len, needs, fusion_mask=fusion_mask)  # fmt: skip
+        return torch_backend.backward(call, dy, s_t, s_s, needs)
     _check_dtype(x)
     lib = _lib()
     need_dx, need_da, need_db, _ = needs

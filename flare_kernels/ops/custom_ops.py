@@ -19,6 +19,7 @@ import torch
 
 from ..format.nf4 import NF4Tensors
 from . import backend
+from .fusion_glue import LoraCall
 
 Tensor = torch.Tensor
 
@@ -107,10 +108,9 @@ def _forward_impl(x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_pa
     name = backend.resolve(x.device, x.dtype)
     backend.record(name)
     acc = intermediate_dtype(x, lora_A)
-    y, y_s, s_t, s_s = _launcher(name).forward(
-        x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_params,
-        dropout_p, (mask_t, mask_s), seq_len, source_out, source_base=source_base, fusion_mask=fusion_mask,
-    )  # fmt: skip
+    call = LoraCall(x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, (mask_t, mask_s),
+                    seq_len, source_base, fusion_mask)  # fmt: skip
+    y, y_s, s_t, s_s = _launcher(name).forward(call, source_out)
     # Outputs are contiguous whatever the backend computed, as the fake implementation promises.
     return (
         y.contiguous(),
@@ -172,11 +172,9 @@ def _backward_impl(dy, x, source, w, lora_A, lora_B, scaling, fusion, fusion_par
                    s_t, s_s, seq_len, needs, fusion_mask):  # fmt: skip
     name = backend.resolve(x.device, x.dtype)
     backend.record(name)
-    g = _launcher(name).backward(
-        dy, x, source, w, lora_A, lora_B, scaling, fusion, fusion_params,
-        dropout_p, (mask_t, mask_s), s_t, s_s if needs_source_s(fusion, source) else None, seq_len, needs,
-        fusion_mask=fusion_mask,
-    )  # fmt: skip
+    call = LoraCall(x, source, w, None, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, (mask_t, mask_s),
+                    seq_len, None, fusion_mask)  # fmt: skip
+    g = _launcher(name).backward(call, dy, s_t, s_s if needs_source_s(fusion, source) else None, needs)
     return [
         _empty(x) if g.dx is None else g.dx.contiguous(),
         _empty(lora_A) if g.d_lora_A is None else g.d_lora_A.contiguous(),

@@ -13,7 +13,31 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ..format.nf4 import NF4Tensors
 from ..reference.fusion import fuse, fuse_backward, is_per_token
+
+
+class LoraCall(NamedTuple):
+    """One FLARE-LoRA projection as every backend's ``forward`` / ``backward`` takes it.
+
+    Rows are flattened: x, source and source_base [M, K]; masks (target, source) keep-masks
+    [M, K]; fusion_mask [M] (real positions, sequence-level fusions); sequences of ``seq_len`` rows.
+    """
+
+    x: torch.Tensor
+    source: torch.Tensor | None
+    weight: NF4Tensors
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor  # [r, K]
+    lora_B: torch.Tensor  # [N, r]
+    scaling: float
+    fusion: str
+    params: Sequence[torch.Tensor]  # the fusion's parameters (cross_attention: Wq, bq, Wk, bk, Wv, bv)
+    dropout_p: float
+    masks: tuple[torch.Tensor | None, torch.Tensor | None]
+    seq_len: int
+    source_base: torch.Tensor | None = None
+    fusion_mask: torch.Tensor | None = None
 
 
 class Grads(NamedTuple):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -17,7 +17,9 @@ import triton.language as tl
 from ..format.nf4 import NF4Tensors
 from ..kernels import INTERPRETED, flare_dx_kernel, flare_fwd_kernel, lora_down_kernel, lora_reduce_kernel
 from ..reference.fusion import FUSIONS, fuse, is_per_token
-from .fusion_glue import Grads, fusion_plan as _fusion_plan, keep_scale as _keep_scale, rank_r_backward, zero_grads
+from .fusion_glue import Grads, LoraCall, rank_r_backward, zero_grads
+from .fusion_glue import fusion_plan as _fusion_plan
+from .fusion_glue import keep_scale as _keep_scale
 from .fusion_glue import sequence_fuse as _sequence_fuse
 
 
@@ -190,29 +192,15 @@ def lora_reduce(
 
 # ------------------------------------------------------------------------------------ forward
 def forward(
-    x: torch.Tensor,
-    source: torch.Tensor | None,
-    w: NF4Tensors,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    fusion: str,
-    params: Sequence[torch.Tensor],
-    dropout_p: float,
-    masks: tuple[torch.Tensor | None, torch.Tensor | None],
-    seq_len: int,
-    source_out: bool,
-    fuse_down: bool | None = None,
-    *,
-    source_base: torch.Tensor | None = None,
-    fusion_mask: torch.Tensor | None = None,
+    call: LoraCall, source_out: bool, fuse_down: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(y_t [M, N], y_s [M, N] or None, s_t [M, R] fp32, s_s [M, R] fp32 or None).
 
     ``source_base``: rows whose base product is y_s, when not the fused ``source`` rows;
     ``fusion_mask`` [M]: real positions, for sequence-level fusions.
     """
+    (x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks, seq_len, source_base,
+     fusion_mask) = call
     _check_dtype(x)
     m, k = x.shape
     n, r = w.out_features, lora_A.shape[0]
@@ -269,25 +257,11 @@ def forward(
 
 # ------------------------------------------------------------------------------------ backward
 def backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    source: torch.Tensor | None,
-    w: NF4Tensors,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    fusion: str,
-    params: Sequence[torch.Tensor],
-    dropout_p: float,
-    masks: tuple[torch.Tensor | None, torch.Tensor | None],
-    s_t: torch.Tensor,
-    s_s: torch.Tensor | None,
-    seq_len: int,
-    needs: tuple[bool, bool, bool, bool],
-    *,
-    fusion_mask: torch.Tensor | None = None,
+    call: LoraCall, dy: torch.Tensor, s_t: torch.Tensor, s_s: torch.Tensor | None, needs: tuple[bool, bool, bool, bool]
 ) -> Grads:
     """Gradients for x (target rows), A, B and the fusion parameters; none for source or W."""
+    (x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks, seq_len, source_base,
+     fusion_mask) = call
     _check_dtype(x)
     need_dx, need_da, need_db, need_dparams = needs
     m, k = x.shape

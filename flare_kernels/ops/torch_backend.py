@@ -6,13 +6,10 @@ so the reference sees them as [M / seq_len, seq_len, K].
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from ..format.nf4 import NF4Tensors
 from ..reference.flare_lora import flare_lora_backward, flare_lora_reference
-from .fusion_glue import Grads, fusion_plan
+from .fusion_glue import Grads, LoraCall, fusion_plan
 
 
 def _seq_view(t: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
@@ -24,25 +21,11 @@ def _seq_mask(mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
 
 
 def forward(
-    x: torch.Tensor,
-    source: torch.Tensor | None,
-    w: NF4Tensors,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    fusion: str,
-    params: Sequence[torch.Tensor],
-    dropout_p: float,
-    masks: tuple[torch.Tensor | None, torch.Tensor | None],
-    seq_len: int,
-    source_out: bool,
-    fuse_down: bool | None = None,
-    *,
-    source_base: torch.Tensor | None = None,
-    fusion_mask: torch.Tensor | None = None,
+    call: LoraCall, source_out: bool, fuse_down: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(y_t [M, N], y_s [M, N] or None, s_t [M, R], s_s [M, R] or None), s in the adapter dtype."""
+    (x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks, seq_len, source_base,
+     fusion_mask) = call
     out = flare_lora_reference(
         _seq_view(x, seq_len), w, lora_A, lora_B, scaling, source=_seq_view(source, seq_len), fusion=fusion,
         bias=bias, dropout_p=dropout_p, dropout_mask=_seq_view(masks[0], seq_len),
@@ -57,25 +40,11 @@ def forward(
 
 
 def backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    source: torch.Tensor | None,
-    w: NF4Tensors,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    fusion: str,
-    params: Sequence[torch.Tensor],
-    dropout_p: float,
-    masks: tuple[torch.Tensor | None, torch.Tensor | None],
-    s_t: torch.Tensor,
-    s_s: torch.Tensor | None,
-    seq_len: int,
-    needs: tuple[bool, bool, bool, bool],
-    *,
-    fusion_mask: torch.Tensor | None = None,
+    call: LoraCall, dy: torch.Tensor, s_t: torch.Tensor, s_s: torch.Tensor | None, needs: tuple[bool, bool, bool, bool]
 ) -> Grads:
     """The reference's explicit gradients (``flare_lora_backward``) for x, A, B, fusion params."""
+    (x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks, seq_len, source_base,
+     fusion_mask) = call
     need_dx, need_da, need_db, need_dparams = needs
     g = flare_lora_backward(
         _seq_view(dy, seq_len), _seq_view(x, seq_len), _seq_view(source, seq_len), w, lora_A, lora_B, scaling,

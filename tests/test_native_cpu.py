@@ -65,6 +65,13 @@ PATH_SHAPES = [
     dict(m=5, k=160, n=33, blocksize=128),
     dict(m=70, k=320, n=67, r=16, dropout=0.25),
     dict(m=17, k=256, n=40, blocksize=256, double_quant=False, fusion="mul"),
+    # decode row-dots: two 32-value tables per chunk; pairs of chunks sharing one table register
+    # across blocks (blocksize 128, 5 chunks: an unpaired last one); 2 and 4 rows in fp32 FMAs
+    dict(m=1, k=256, n=35, blocksize=32),
+    dict(m=2, k=320, n=19, blocksize=128, source=False),
+    dict(m=2, k=192, n=21, r=16),
+    # a few rows on the AMX tiles, blocksize 64: chunk pairs and an unpaired last chunk
+    dict(m=4, k=192, n=37),
     # an odd K: rows of W start in the middle of a byte (the element-by-element paths)
     dict(m=3, k=77, n=20, blocksize=32),
     # several row groups and column chunks of the AMX GEMMs (> 256 rows, > 512 outputs)

@@ -71,10 +71,18 @@ def record(name: str) -> None:
     _last = name
 
 
-def native_available() -> bool:
-    from .. import native
+_native_ok: bool | None = None
 
-    return native.available()
+
+def native_available() -> bool:
+    # Loading succeeds or fails once per process, so the answer is kept: asking the package each
+    # call cost a few microseconds of every op call, which counts at decode sizes.
+    global _native_ok
+    if _native_ok is None:
+        from .. import native
+
+        _native_ok = native.available()
+    return _native_ok
 
 
 def resolve(device: torch.device, dtype: torch.dtype | None = None) -> str:

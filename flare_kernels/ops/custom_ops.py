@@ -37,8 +37,18 @@ def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
 
+_LAUNCHERS: dict = {}
+
+
 def _launcher(name: str):
     """The module with ``forward`` / ``backward`` (one signature) for a backend."""
+    mod = _LAUNCHERS.get(name)
+    if mod is None:
+        mod = _LAUNCHERS[name] = _import_launcher(name)
+    return mod
+
+
+def _import_launcher(name: str):
     if name == "cpu":
         from .. import native
 
@@ -115,8 +125,8 @@ def _forward_impl(x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_pa
     return (
         y.contiguous(),
         _empty(x) if y_s is None else y_s.contiguous(),
-        s_t.to(acc).contiguous(),
-        _empty(x, acc) if s_s is None else s_s.to(acc).contiguous(),
+        (s_t if s_t.dtype == acc else s_t.to(acc)).contiguous(),
+        _empty(x, acc) if s_s is None else (s_s if s_s.dtype == acc else s_s.to(acc)).contiguous(),
     )
 
 

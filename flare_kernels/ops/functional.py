@@ -14,6 +14,12 @@ from .custom_ops import flare_lora_fwd, run_forward
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Tensor.to returns t itself for its own dtype, but only after ~3 us of dispatch on a CPU;
+    # the functional casts up to four tensors a call.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
@@ -190,11 +196,11 @@ def flare_lora_linear(
     cdt = compute_dtype or weight.compute_dtype or x.dtype
     lead, k = x.shape[:-1], x.shape[-1]
     seq_len = x.shape[-2] if x.dim() >= 2 and x.shape[-2] > 0 else 1
-    x2 = x.to(cdt).reshape(-1, k)
-    s2 = None if source is None else source.to(cdt).reshape(-1, k)
+    x2 = _cast(x, cdt).reshape(-1, k)
+    s2 = None if source is None else _cast(source, cdt).reshape(-1, k)
     m2 = None if dropout_mask is None else dropout_mask.reshape(-1, k)
     ms2 = None if source_dropout_mask is None else source_dropout_mask.reshape(-1, k)
-    sb2 = None if source_base is None or source is None else source_base.to(cdt).reshape(-1, k)
+    sb2 = None if source_base is None or source is None else _cast(source_base, cdt).reshape(-1, k)
     fm2 = None if fusion_mask is None or source is None else fusion_mask.reshape(-1)
     w = weight.tensors()
     source_out = bool(return_source_output and source is not None)
@@ -210,8 +216,8 @@ def flare_lora_linear(
     else:  # nothing to differentiate: the op's body without the dispatcher (inference, decoding)
         y, y_s, _, _ = run_forward(x2, s2, w, bias, lora_A, lora_B, float(scaling), fusion, list(fusion_params),
                                    float(dropout_p), m2, ms2, seq_len, source_out, sb2, fm2)  # fmt: skip
-    y = y.view(*lead, w.out_features).to(in_dtype)
+    y = _cast(y.view(*lead, w.out_features), in_dtype)
     if not return_source_output:
         return y
-    y_source = None if source is None else y_s.view(*lead, w.out_features).to(in_dtype)
+    y_source = None if source is None else _cast(y_s.view(*lead, w.out_features), in_dtype)
     return y, y_source

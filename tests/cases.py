@@ -153,3 +153,22 @@ def check_against_reference(case: Case, device, backend: str, **kwargs) -> None:
     for name, g in ref.grads.items():
         assert out.grads[name] is not None, f"no gradient for {name}"
         assert_tolerance(out.grads[name], g, low.grads[name], f"d{name}")
+
+
+def check_nan_and_inf_propagate(backend: str, w, x, src, a, b) -> None:
+    """NaN and Inf in the inputs (6 rows) come out where the reference puts them; other rows stay finite."""
+    from tolerance import assert_tolerance
+
+    x, src = x.clone(), src.clone()
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    src[4, 7] = float("-inf")
+    with flare_kernels.use_backend(backend):
+        y = flare_lora_linear(x, w, a, b, 2.0, source=src)
+    with flare_kernels.use_backend("torch"):
+        y64 = flare_lora_linear(x.double(), w, a.double(), b.double(), 2.0, source=src.double())
+        y32 = flare_lora_linear(x, w, a, b, 2.0, source=src)
+    assert torch.isnan(y[1]).all()
+    assert_tolerance(y, y64, y32, "y")
+    assert torch.isfinite(y[[0, 3, 5]]).all()
+

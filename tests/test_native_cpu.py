@@ -20,7 +20,6 @@ import cases
 from cases import Case
 from flare_kernels import NF4Weight, flare_lora_linear, native, quantize_nf4
 from flare_kernels.format import VALID_BLOCKSIZES
-from tolerance import assert_tolerance
 
 try:  # the Triton kernels' cases (test_kernels imports the Triton launchers)
     from test_kernels import CASES
@@ -170,18 +169,7 @@ def test_non_contiguous_inputs_give_the_same_bits(fusion, dtype, isa):
 
 
 def test_nan_and_inf_propagate_as_in_the_reference(isa):
-    w, x, src, a, b = layer(m=6)
-    x[1, 3] = float("nan")
-    x[2, 5] = float("inf")
-    src[4, 7] = float("-inf")
-    with flare_kernels.use_backend("cpu"):
-        y = flare_lora_linear(x, w, a, b, 2.0, source=src)
-    with flare_kernels.use_backend("torch"):
-        y64 = flare_lora_linear(x.double(), w, a.double(), b.double(), 2.0, source=src.double())
-        y32 = flare_lora_linear(x, w, a, b, 2.0, source=src)
-    assert torch.isnan(y[1]).all()
-    assert_tolerance(y, y64, y32, "y")
-    assert torch.isfinite(y[[0, 3, 5]]).all()
+    cases.check_nan_and_inf_propagate("cpu", *layer(m=6))
 
 
 def test_results_do_not_depend_on_threads_or_calls():

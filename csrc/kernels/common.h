@@ -89,6 +89,13 @@ inline const char* row_ptr(const Rows& rows, int64_t i, DType dt) {
   return static_cast<const char*>(rows.data) + i * rows.stride * elem_size(dt);
 }
 
+// Row i of the streams taken one after the other (stream 0's rows, then stream 1's, ...).
+inline const char* stream_row(const Rows* streams, int64_t i, DType dt) {
+  int s = 0;
+  while (i >= streams[s].count) i -= streams[s++].count;
+  return row_ptr(streams[s], i, dt);
+}
+
 // The fp32 scale of quantization block b.
 inline float block_scale(const NF4& w, int64_t b) {
   if (w.absmax_u8 == nullptr) return w.absmax_f32[b];

@@ -77,11 +77,8 @@ inline void pack_vnni_rows(const Runtime& rt, const Rows* streams, int64_t rows,
     for (int64_t mt = tb; mt < te; ++mt) {
       const uint16_t* src[16];
       for (int i = 0; i < 16; ++i) {
-        int64_t row = mt * 16 + i, s = 0;
-        src[i] = nullptr;
-        if (row >= rows) continue;
-        while (row >= streams[s].count) row -= streams[s++].count;
-        src[i] = reinterpret_cast<const uint16_t*>(row_ptr(streams[s], row, kBF16));
+        const int64_t row = mt * 16 + i;
+        src[i] = row < rows ? reinterpret_cast<const uint16_t*>(stream_row(streams, row, kBF16)) : nullptr;
       }
       for (int64_t c = 0; c * 2 < KS; ++c) {
         __m512i e[16], o[16];

@@ -25,28 +25,28 @@ inline __m512i bf16_lut2_exact(__m512 code, float s0, float s1) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(r0)), _mm512_cvtepi32_epi16(r1), 1);
 }
 
-// 32 bytes -> 64 bf16 values: E = even k (high nibbles), O = odd k (low nibbles). TWO_TABLES: the
-// halves of the chunk use the two halves of the 32-word table (blocksize 32).
-template <bool TWO_TABLES = true>
+// Which words of the 32-word table a chunk's 4-bit codes index: kLower, words 0-15 (one table;
+// a blocksize >= 64 table fills both halves); kHalves, the first 32 values of the chunk words
+// 0-15 and the last 32 words 16-31 (blocksize 32); kUpper, words 16-31 (the second chunk of a
+// pair whose two tables share one register).
+enum TableWords { kLower, kHalves, kUpper };
+
+// 32 bytes -> 64 bf16 values: E = even k (high nibbles), O = odd k (low nibbles).
+template <TableWords WORDS>
 inline void dequant64_bf16(const uint8_t* bytes, __m512i lut, __m512i& even, __m512i& odd) {
   const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
-  __m512i hi = _mm512_srli_epi16(w, 4), lo = _mm512_and_si512(w, _mm512_set1_epi16(0xf));
-  if (TWO_TABLES) {
-    const __m512i half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
-    hi = _mm512_or_si512(hi, half);
-    lo = _mm512_or_si512(lo, half);
+  const __m512i low4 = _mm512_set1_epi16(0xf);
+  __m512i hi = _mm512_srli_epi16(w, 4), lo;
+  if (WORDS == kLower) {
+    lo = _mm512_and_si512(w, low4);
+  } else {
+    const __m512i plus16 = WORDS == kUpper ? _mm512_set1_epi16(16)
+                                           : _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
+    hi = _mm512_or_si512(hi, plus16);
+    lo = _mm512_ternarylogic_epi32(plus16, w, low4, 0xf8);  // (w AND 0xf) OR plus16: imm = A | (B & C)
   }
   even = _mm512_permutexvar_epi16(hi, lut);
   odd = _mm512_permutexvar_epi16(lo, lut);
-}
-
-// The second chunk of a pair whose two tables share one register (words 16-31): every index + 16.
-inline void dequant64_bf16_upper(const uint8_t* bytes, __m512i lut, __m512i& even, __m512i& odd) {
-  const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
-  const __m512i upper = _mm512_set1_epi16(16);
-  even = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(w, 4), upper), lut);
-  // (w AND 0xf) OR 16 in one ternary-logic instruction (imm 0xf8 = A | (B & C))
-  odd = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(upper, w, _mm512_set1_epi16(0xf), 0xf8), lut);
 }
 
 // One block's table in both halves (blocksize >= 64).
@@ -110,7 +110,7 @@ inline void dequant_bf16(const NF4& w, int64_t n, int64_t k0, int64_t len, uint1
         const int64_t cnt = imin(per - in_block, fast - c);
         for (int64_t j = 0; j < cnt; ++j, src += 32, dst += chunk_stride) {
           __m512i e, o;
-          dequant64_bf16<false>(src, lut, e, o);
+          dequant64_bf16<kLower>(src, lut, e, o);
           _mm512_storeu_si512(dst, e);
           _mm512_storeu_si512(dst + odd_offset, o);
         }
@@ -121,7 +121,7 @@ inline void dequant_bf16(const NF4& w, int64_t n, int64_t k0, int64_t len, uint1
       const float h0 = sc[((f + 64 * c) >> L) - b0], h1 = sc[((f + 64 * c + 32) >> L) - b0];
       const __m512i lut = exact ? bf16_lut2_exact(code, h0, h1) : bf16_lut2(code, h0, h1);
       __m512i e, o;
-      dequant64_bf16(w.packed + ((f + c * 64) >> 1), lut, e, o);
+      dequant64_bf16<kHalves>(w.packed + ((f + c * 64) >> 1), lut, e, o);
       _mm512_storeu_si512(base + c * chunk_stride, e);
       _mm512_storeu_si512(base + c * chunk_stride + odd_offset, o);
     }
@@ -167,16 +167,16 @@ inline void dequant_row_chunks(const BfRow& r, int L, __m512 code, int64_t c0, i
       const int64_t b = (r.f + 64 * c) >> 6;
       const __m512i lut = bf16_lut2(code, r.scale[b], r.scale[b + 1]);
       __m512i e, o;
-      dequant64_bf16<false>(r.bytes + 32 * c, lut, e, o);
+      dequant64_bf16<kLower>(r.bytes + 32 * c, lut, e, o);
       _mm512_storeu_si512(dst, e);
       _mm512_storeu_si512(dst + odd_offset, o);
-      dequant64_bf16_upper(r.bytes + 32 * c + 32, lut, e, o);
+      dequant64_bf16<kUpper>(r.bytes + 32 * c + 32, lut, e, o);
       _mm512_storeu_si512(dst + stride, e);
       _mm512_storeu_si512(dst + stride + odd_offset, o);
     }
     if (c < c1) {
       __m512i e, o;
-      dequant64_bf16<false>(r.bytes + 32 * c, bf16_lut1(code, r.scale[(r.f + 64 * c) >> 6]), e, o);
+      dequant64_bf16<kLower>(r.bytes + 32 * c, bf16_lut1(code, r.scale[(r.f + 64 * c) >> 6]), e, o);
       _mm512_storeu_si512(dst, e);
       _mm512_storeu_si512(dst + odd_offset, o);
     }
@@ -192,7 +192,7 @@ inline void dequant_row_chunks(const BfRow& r, int L, __m512 code, int64_t c0, i
         block = b;
       }
       __m512i e, o;
-      dequant64_bf16<false>(r.bytes + 32 * c, lut, e, o);
+      dequant64_bf16<kLower>(r.bytes + 32 * c, lut, e, o);
       _mm512_storeu_si512(dst, e);
       _mm512_storeu_si512(dst + odd_offset, o);
     }
@@ -203,7 +203,7 @@ inline void dequant_row_chunks(const BfRow& r, int L, __m512 code, int64_t c0, i
     const float h0 = r.scale[fc >> L], h1 = r.scale[(fc + 32) >> L];
     const __m512i lut = r.exact ? bf16_lut2_exact(code, h0, h1) : bf16_lut2(code, h0, h1);
     __m512i e, o;
-    dequant64_bf16(r.bytes + 32 * c, lut, e, o);
+    dequant64_bf16<kHalves>(r.bytes + 32 * c, lut, e, o);
     _mm512_storeu_si512(dst, e);
     _mm512_storeu_si512(dst + odd_offset, o);
   }
@@ -262,9 +262,7 @@ inline void pack_split_bf16(const Runtime& rt, const Rows* streams, int nstreams
   for (int s = 0; s < nstreams; ++s) rows += streams[s].count;
   parallel(rt, 0, rows, 8, [&](int64_t rb, int64_t re) {
     for (int64_t i = rb; i < re; ++i) {
-      int64_t s = 0, r = i;
-      while (r >= streams[s].count) r -= streams[s++].count;
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(row_ptr(streams[s], r, kBF16));
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(stream_row(streams, i, kBF16));
       for (int64_t k0 = 0; k0 < Kp; k0 += 64) {
         __m512i e, o;
         split64_bf16(src + k0, imin(64, imax(0, K - k0)), e, o);
@@ -342,7 +340,7 @@ void gemv_bf16_row(const uint16_t* xp, const float* xq, int64_t Kp, const Linear
       lut = exact ? bf16_lut2_exact(code, h0, h1) : bf16_lut2(code, h0, h1);
     }
     __m512i e, o;
-    dequant64_bf16<!ONE_BLOCK>(bytes + 32 * c, lut, e, o);
+    dequant64_bf16<ONE_BLOCK ? kLower : kHalves>(bytes + 32 * c, lut, e, o);
     dot(c, u, e, o);
   };
   const int64_t chunks = K / 64;
@@ -357,9 +355,9 @@ void gemv_bf16_row(const uint16_t* xp, const float* xq, int64_t Kp, const Linear
     const int64_t fc = f + 64 * c;
     const __m512i lut = bf16_lut2(code, scale[fc >> L], scale[(fc + 64) >> L]);  // words 0-15, 16-31
     __m512i e, o;
-    dequant64_bf16<false>(bytes + 32 * c, lut, e, o);
+    dequant64_bf16<kLower>(bytes + 32 * c, lut, e, o);
     dot(c, 0, e, o);
-    dequant64_bf16_upper(bytes + 32 * c + 32, lut, e, o);
+    dequant64_bf16<kUpper>(bytes + 32 * c + 32, lut, e, o);
     dot(c + 1, 1, e, o);
   }
   if (c < chunks) single(c, 0);

@@ -59,9 +59,7 @@ void pack_split_f32(const Runtime& rt, const Rows* streams, int nstreams, DType 
   for (int s = 0; s < nstreams; ++s) rows += streams[s].count;
   parallel(rt, 0, rows, 8, [&](int64_t rb, int64_t re) {
     for (int64_t i = rb; i < re; ++i) {
-      int64_t s = 0, r = i;
-      while (r >= streams[s].count) r -= streams[s++].count;
-      const char* src = row_ptr(streams[s], r, dt);
+      const char* src = stream_row(streams, i, dt);
       float* dst = out + i * Kp;
       for (int64_t k0 = 0; k0 < Kp; k0 += C)
         for (int e = 0; e < C; ++e) dst[k0 + split_pos(e, C)] = k0 + e < K ? load_scalar(src, k0 + e, dt) : 0.0f;

@@ -162,21 +162,15 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
             examples = prepare(data.train, task, tokenizer, family, cfg.max_length, with_source=True, with_answer=True)
             use_source = cfg.eval_source != "none"
 
+            def evaluate_on(m, dataset, split: str):
+                return evaluate(
+                    m, task, tokenizer, family, dataset, split=split, max_length=cfg.max_length,
+                    batch_size=cfg.eval_batch_size, use_source=use_source, device=device,
+                    autocast=autocast, progress=cfg.progress,
+                )  # fmt: skip
+
             def validate(m) -> tuple[float, dict]:
-                r = evaluate(
-                    m,
-                    task,
-                    tokenizer,
-                    family,
-                    data.eval,
-                    split="validation",
-                    max_length=cfg.max_length,
-                    batch_size=cfg.eval_batch_size,
-                    use_source=use_source,
-                    device=device,
-                    autocast=autocast,
-                    progress=cfg.progress,
-                )
+                r = evaluate_on(m, data.eval, "validation")
                 return r.score, r.to_dict()
 
             spec = StageSpec(
@@ -197,20 +191,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
                 adapter = out / "stage2" / "best"
                 restore_adapter(model, adapter)
             if data.test and dist.is_main:
-                test_result = evaluate(
-                    model,
-                    task,
-                    tokenizer,
-                    family,
-                    data.test,
-                    split="test",
-                    max_length=cfg.max_length,
-                    batch_size=cfg.eval_batch_size,
-                    use_source=use_source,
-                    device=device,
-                    autocast=autocast,
-                    progress=cfg.progress,
-                )
+                test_result = evaluate_on(model, data.test, "test")
             dist.barrier()
 
     seconds = time.perf_counter() - t_start

@@ -287,7 +287,8 @@ inline void pack_split_bf16(const Runtime& rt, const Rows* streams, int nstreams
 //    fp32 (a shift and a mask per 16 values, once per chunk) and every row takes four FMAs per
 //    chunk instead of two vdpbf16ps. Activations then come as fp32 in "quad" order (see
 //    pack_quad_f32). Products of bf16 values are exact in fp32 either way.
-// Medians of interleaved runs, 4096 x 4096, one core, kernels alone: 1.70 vs 1.78 ms at one row,
+// Medians of interleaved runs, 4096 x 4096, one core, kernels alone (an uncommitted C++ harness;
+// the reproducible figures are `python -m benchmarks.cpu_native`): 1.70 vs 1.78 ms at one row,
 // 2.18 vs 2.45 ms at two rows (the single-table vdpbf16ps loop before).
 template <int MRt, bool ONE_BLOCK, bool F32>
 void gemv_bf16_row(const uint16_t* xp, const float* xq, int64_t Kp, const LinearArgs& a, const LoraPad& lp, int64_t n,

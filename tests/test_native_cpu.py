@@ -69,6 +69,8 @@ PATH_SHAPES = [
     dict(m=1, k=256, n=35, blocksize=32),
     dict(m=2, k=320, n=19, blocksize=128, source=False),
     dict(m=2, k=192, n=21, r=16),
+    # row 51's five blocks (255-259) run across two groups of the nested absmax (256 blocks each)
+    dict(m=1, k=320, n=60),
     # a few rows on the AMX tiles, blocksize 64: chunk pairs and an unpaired last chunk
     dict(m=4, k=192, n=37),
     # an odd K: rows of W start in the middle of a byte (the element-by-element paths)

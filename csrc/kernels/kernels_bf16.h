@@ -67,9 +67,12 @@ inline bool block_scales(const NF4& w, int64_t b0, int64_t nb, float* out) {
     if (w.absmax_u8 != nullptr) {
       const __m512i qa = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, w.absmax_u8 + b0 + j));
       const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, qa, w.nested_code, 4);
-      const __m512i blk = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(b0 + j)),
-                                           _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
-      const __m512 na = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_srli_epi32(blk, 8), w.nested_absmax, 4);
+      // 16 blocks span at most two nested groups of 256: two broadcasts, not a gather.
+      const int64_t g0 = (b0 + j) >> 8, g1 = (b0 + j + imin(15, nb - j - 1)) >> 8;
+      __m512 na = _mm512_set1_ps(w.nested_absmax[g0]);
+      if (g1 != g0)
+        na = _mm512_mask_mov_ps(na, static_cast<__mmask16>(0xffffu << ((g1 << 8) - (b0 + j))),
+                                _mm512_set1_ps(w.nested_absmax[g1]));
       s = _mm512_add_ps(_mm512_mul_ps(c, na), _mm512_set1_ps(w.nested_offset));
     } else {
       s = _mm512_maskz_loadu_ps(m, w.absmax_f32 + b0 + j);

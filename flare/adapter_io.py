@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import FlareConfig
+from .modeling.targets import name_matches
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -205,6 +206,12 @@ def load_flare_model(model: nn.Module, path, *, is_trainable: bool = False):
             raise ValueError(f"{path / FLARE_CONFIG}: fusion {saved.fusion!r} but no fusion projections listed")
     else:
         config = _config_from_peft(peft, path)
+        # PEFT lists every head name its task type may use (SEQ_CLS: "classifier" and "score") and
+        # wraps those the model has; so do we. A head whose weights are missing fails the strict load.
+        present = [p for p, _ in model.named_modules() if p]
+        config.modules_to_save = tuple(
+            n for n in config.modules_to_save if any(name_matches(p, n) for p in present)
+        )
     state = _load_tensors(path / ADAPTER_WEIGHTS)
     fusion_file = path / FUSION_WEIGHTS
     if config.fuses and config.fusion == "cross_attention":

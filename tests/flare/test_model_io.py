@@ -114,6 +114,27 @@ def test_flare_loads_a_plain_peft_adapter(tmp_path, monkeypatch):
         assert_close_scaled(fm(ids, mask, sids, smask).logits, theirs, **FP32)  # no fusion: the source is ignored
 
 
+def test_flare_loads_a_peft_sequence_classification_adapter(tmp_path):
+    """PEFT's SEQ_CLS adapters list both head names it knows ("classifier", "score"); a model has one."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"])
+    peft_model = get_peft_model(tiny_model("xlm-roberta"), cfg)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:  # the trained head differs from the fresh model's
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    peft_model.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
+    ids, mask, _, _ = random_streams("xlm-roberta", seed=5)
+    fm = flare.load_flare_model(tiny_model("xlm-roberta"), tmp_path)
+    assert fm.targets.modules_to_save == ["classifier"]
+    peft_model.eval()
+    with torch.no_grad():
+        assert_close_scaled(fm(ids, mask).logits, peft_model(input_ids=ids, attention_mask=mask).logits, **FP32)
+
+
 def test_load_refuses_pickles_and_mismatches(tmp_path):
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not read")

@@ -100,6 +100,15 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_REPLAYING: contextvars.ContextVar[bool] = contextvars.ContextVar("flare_checkpoint_replay", default=False)
+
+
+def replaying() -> bool:
+    """True inside a recomputation that ``PreservingCheckpoint`` runs: its context is the forward's
+    own, including "no FLARE call" for a plain forward."""
+    return _REPLAYING.get()
+
+
 class PreservingCheckpoint:
     """Wraps a block's ``_gradient_checkpointing_func`` so recomputation runs in the forward's context.
 
@@ -114,14 +123,15 @@ class PreservingCheckpoint:
 
     def __call__(self, function: Callable, *args, **kwargs):
         captured = _ACTIVE.get()
-        if not captured:
-            return self.inner(function, *args, **kwargs)
 
         def replay(*a, **k):
-            token = _ACTIVE.set(captured)
+            # Plain forwards are replayed through here too (captured may be empty), so a projection
+            # can tell a legitimate plain recomputation from one that bypassed this wrapper.
+            token, marker = _ACTIVE.set(captured), _REPLAYING.set(True)
             try:
                 return function(*a, **k)
             finally:
+                _REPLAYING.reset(marker)
                 _ACTIVE.reset(token)
 
         return self.inner(replay, *args, **kwargs)

@@ -30,7 +30,7 @@ import torch
 from flare_kernels import FlareLinear, FlareLinear4bit
 from flare_kernels.reference.fusion import SEQUENCE_FUSIONS
 
-from .context import Owner, current, in_backward
+from .context import Owner, current, in_backward, replaying
 
 
 def zero_padding(source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -78,8 +78,9 @@ class StreamRouting:
             return self.layer_forward(x, source, return_source_output=return_source_output, **kwargs)
         ctx = current(self._flare_owner) if self._flare_owner is not None else None
         if ctx is None:
-            if self._last_two_stream and in_backward():
-                # A checkpointed block is being recomputed without the context its forward ran in:
+            if self._last_two_stream and in_backward() and not replaying():
+                # A checkpointed block is being recomputed without the context its forward ran in
+                # (the last forward here was two-stream, and the replay bypassed PreservingCheckpoint):
                 # recomputing plain LoRA would give gradients of a different function.
                 raise RuntimeError(
                     f"{self.flare_path}: gradient checkpointing recomputed this projection outside the FLARE "

@@ -114,3 +114,23 @@ def test_plain_lora_under_checkpointing():
     fm(ids, mask, labels=ids).loss.backward()
     g1 = take_grads(fm)
     assert_grads_close(g0, g1, **FP32)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_plain_and_fused_graphs_pending_together(reentrant):
+    """A plain forward's graph awaiting backward while a FLARE forward runs (a combined loss, or a
+    no-grad FLARE evaluation in between): its recomputation is legitimately plain LoRA."""
+    inputs = random_streams("llama", seed=6)
+    ids, mask, sids, smask = inputs
+    fm = make_flare("llama").train()
+
+    def combined():
+        plain = fm(ids, mask, labels=ids).loss
+        with torch.no_grad():
+            fm(ids, mask, sids, smask)
+        (plain + fm(ids, mask, sids, smask, labels=ids).loss).backward()
+        return take_grads(fm)
+
+    g0 = combined()
+    fm.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    assert_grads_close(g0, combined(), **FP32)

@@ -190,6 +190,15 @@ class FlareModel(nn.Module):
         if not self.config.fuses:
             # Nothing reads the source (plain LoRA config): the same result without the source rows' cost.
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if self._accepts_use_cache:
+            # The cache of a two-stream call holds the source rows too (2B rows against B of logits);
+            # the output would not continue decoding. FlareModel.generate keeps both streams' caches.
+            if kwargs.get("use_cache"):
+                raise ValueError(
+                    "use_cache=True with a source stream: the KV cache would hold both streams' rows; "
+                    "decode with FlareModel.generate"
+                )
+            kwargs["use_cache"] = False
         with activate(self._owner, streams=streams):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

@@ -142,3 +142,15 @@ def test_generate_in_train_mode_with_checkpointing_is_refused():
         fm.generate(ids, mask, sids, smask, max_new_tokens=2)
     fm.eval()
     assert fm.generate(ids, mask, sids, smask, max_new_tokens=2, eos_token_id=[]).shape == (3, 7)
+
+
+def test_two_stream_forward_returns_no_cache_of_both_streams():
+    """An eval-mode two-stream forward would otherwise return a 2B-row cache with B rows of logits."""
+    fm = make_flare("llama").eval()
+    ids, mask, sids, smask = random_streams("llama", length=5, seed=8)
+    with torch.no_grad():
+        out = fm(ids, mask, sids, smask)
+        assert out.logits.shape[0] == ids.shape[0] and out.past_key_values is None
+        assert fm(ids, mask).past_key_values is not None  # a plain call keeps transformers' default
+        with pytest.raises(ValueError, match="decode with FlareModel.generate"):
+            fm(ids, mask, sids, smask, use_cache=True)

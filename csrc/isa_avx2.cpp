@@ -1,6 +1,7 @@
 // AVX2 + FMA + F16C kernels (compiled with -mavx2 -mfma -mf16c; chosen at run time).
 #include <immintrin.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>

@@ -2,6 +2,7 @@
 // of them: this file is compiled up to three times with different flags (see CMakeLists.txt).
 #include <immintrin.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>

@@ -1,4 +1,5 @@
 // Portable kernels (baseline flags; the only path on non-x86 CPUs such as aarch64).
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>

@@ -416,31 +416,33 @@ inline void linear_bf16(const Runtime& rt, const LinearArgs& a) {
   Buffer qbuf(gemv && rows >= 2 ? rows * Kp * 4 : 0);
   float* xq = qbuf.as<float>();
   if (gemv && rows >= 2) pack_quad_f32(xp, rows, Kp, xq);
-  parallel(rt, 0, ceil_div(N, NR), 1, [&](int64_t tb, int64_t te) {
+  parallel_claim(rt, ceil_div(N, NR), [&](Claims& claims) {
     Buffer wbuf(gemv ? ((K >> a.w.log2_bs) + 2) * 4 : NR * Kp * 2);
     uint16_t* wb = wbuf.as<uint16_t>();
-    for (int64_t t = tb; t < te; ++t) {
-      const int64_t n0 = t * NR, nr = imin(NR, N - n0);
-      if (gemv) {
-        float* sc = wbuf.as<float>();
-        switch (rows) {
-          case 1: gemv_bf16<1, false>(xp, xq, Kp, a, lp, n0, nr, sc); break;
-          case 2: gemv_bf16<2, true>(xp, xq, Kp, a, lp, n0, nr, sc); break;
-          case 3: gemv_bf16<3, true>(xp, xq, Kp, a, lp, n0, nr, sc); break;
-          default: gemv_bf16<4, true>(xp, xq, Kp, a, lp, n0, nr, sc); break;
+    for (int64_t tb, te; claims.next(tb, te);) {
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t n0 = t * NR, nr = imin(NR, N - n0);
+        if (gemv) {
+          float* sc = wbuf.as<float>();
+          switch (rows) {
+            case 1: gemv_bf16<1, false>(xp, xq, Kp, a, lp, n0, nr, sc); break;
+            case 2: gemv_bf16<2, true>(xp, xq, Kp, a, lp, n0, nr, sc); break;
+            case 3: gemv_bf16<3, true>(xp, xq, Kp, a, lp, n0, nr, sc); break;
+            default: gemv_bf16<4, true>(xp, xq, Kp, a, lp, n0, nr, sc); break;
+          }
+          continue;
         }
-        continue;
-      }
-      for (int i = 0; i < NR; ++i) {
-        if (i < nr) {
-          dequant_bf16(a.w, n0 + i, 0, Kp, wb + i * Kp, 64, 32);
-        } else {
-          std::memset(wb + i * Kp, 0, Kp * 2);
+        for (int i = 0; i < NR; ++i) {
+          if (i < nr) {
+            dequant_bf16(a.w, n0 + i, 0, Kp, wb + i * Kp, 64, 32);
+          } else {
+            std::memset(wb + i * Kp, 0, Kp * 2);
+          }
         }
+        int64_t m0 = 0;
+        for (; m0 + MR <= rows; m0 += MR) rowdot_tile_bf16<MR>(xp, Kp, wb, a, lp, m0, n0, nr);
+        for (; m0 < rows; ++m0) rowdot_tile_bf16<1>(xp, Kp, wb, a, lp, m0, n0, nr);
       }
-      int64_t m0 = 0;
-      for (; m0 + MR <= rows; m0 += MR) rowdot_tile_bf16<MR>(xp, Kp, wb, a, lp, m0, n0, nr);
-      for (; m0 < rows; ++m0) rowdot_tile_bf16<1>(xp, Kp, wb, a, lp, m0, n0, nr);
     }
   });
 }

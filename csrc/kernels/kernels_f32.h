@@ -148,19 +148,21 @@ void linear_f(const Runtime& rt, const LinearArgs& a) {
     lp.zs = zbuf.as<float>();
     lp.bp = bbuf.as<float>();
   }
-  parallel(rt, 0, ceil_div(N, NR), 1, [&](int64_t tb, int64_t te) {
+  parallel_claim(rt, ceil_div(N, NR), [&](Claims& claims) {
     Buffer wbuf(NR * Kp * 4);
     float* wb = wbuf.as<float>();
-    for (int64_t t = tb; t < te; ++t) {
-      const int64_t n0 = t * NR, nr = imin(NR, N - n0);
-      for (int i = 0; i < NR; ++i) {
-        if (i < nr) {
-          dequant_split<V>(a.w, n0 + i, 0, Kp, a.dtype, wb + i * Kp);
-        } else {
-          std::memset(wb + i * Kp, 0, Kp * 4);
+    for (int64_t tb, te; claims.next(tb, te);) {
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t n0 = t * NR, nr = imin(NR, N - n0);
+        for (int i = 0; i < NR; ++i) {
+          if (i < nr) {
+            dequant_split<V>(a.w, n0 + i, 0, Kp, a.dtype, wb + i * Kp);
+          } else {
+            std::memset(wb + i * Kp, 0, Kp * 4);
+          }
         }
+        rowdot_rows<V, V::MR>(xp, Kp, wb, a, lp, rows, n0, nr);
       }
-      rowdot_rows<V, V::MR>(xp, Kp, wb, a, lp, rows, n0, nr);
     }
   });
 }

@@ -12,6 +12,8 @@ from bitsandbytes), r = 8, bf16 activations, fp32 LoRA factors (PEFT keeps them 
 models), FLARE fusion add_relu. Providers:
 
     native                 flare_kernels, FLARE_KERNELS_BACKEND=cpu (both streams in one op)
+    native_base            the same op as the frozen layer alone (FlareLinear4bit.base_forward:
+                           adapter term scaled by zero), one stream: our base GEMV + op overhead
     reference              flare_kernels, FLARE_KERNELS_BACKEND=torch (the pure-PyTorch spec)
     bnb_peft               bitsandbytes Linear4bit + PEFT LoRA, train mode (dequantize + matmul);
                            FLARE in the authors' style (two base calls, fusion in torch)
@@ -74,7 +76,7 @@ class Cell:
 FWD = ("native", "bnb_peft", "bnb_peft_cpu_packed", "dense_bf16")
 CELLS = (
     Cell("flare", "fwd", 1, FWD + ("bnb_cpu_packed",)),
-    Cell("lora", "fwd", 1, FWD + ("bnb_cpu_packed",)),
+    Cell("lora", "fwd", 1, FWD + ("bnb_cpu_packed", "native_base")),
     Cell("lora", "fwd", 16, FWD),
     Cell("flare", "fwd", 16, FWD),
     Cell("lora", "fwd", 512, FWD),
@@ -118,6 +120,12 @@ FLARE_CHECKS = (
     Target("M=512 FLARE (1024 rows) vs dense bf16 matmul of 1024 rows", "flare-fwd-M512", "native",
            ("dense_bf16",), 1 / 1.3),
     Target("backward at M=512, FLARE", "flare-bwd-M512", "native", ("reference",), 2.0),
+)
+# Where the M=1 targets stand: the frozen layer alone against bitsandbytes' kernel alone (PEFT's
+# LoRA adds little on top of it, so the plain-LoRA target needs our base GEMV well ahead of it).
+BASE_CHECKS = (
+    Target("M=1 base layer alone (native_base) vs bitsandbytes' eval kernel alone",
+           "lora-fwd-M1", "native_base", ("bnb_cpu_packed",), 1.0),
 )  # fmt: skip
 
 
@@ -142,10 +150,18 @@ class Layers:
 def make_fn(name: str, layers: Layers, cell: Cell, x: torch.Tensor, src: torch.Tensor | None, dy: torch.Tensor):
     """(callable to time, tensors whose .grad is reset between calls) or None if not applicable."""
     flare = cell.op == "flare"
-    if name in ("native", "reference"):
-        backend = "cpu" if name == "native" else "torch"
+    if name in ("native", "reference", "native_base"):
+        backend = "torch" if name == "reference" else "cpu"
         a = layers.a.clone().requires_grad_(cell.mode == "bwd")
         b = layers.b.clone().requires_grad_(cell.mode == "bwd")
+        if name == "native_base":
+            if flare or cell.mode != "fwd":
+                return None
+
+            def ours():  # FlareLinear4bit.base_forward's call
+                return fk.flare_lora_linear(x, layers.nf4, a, b, 0.0, fusion="none")
+
+            return _mode(cell, ours, dy, [], lambda: fk.use_backend(backend))
 
         def ours():
             return fk.flare_lora_linear(x, layers.nf4, a, b, layers.weights.scaling, source=src,
@@ -263,7 +279,8 @@ def print_table(results: dict, print=print) -> None:
             rel = f"{t['p50'] / ours:.2f}x" if ours else ""
             print(f"{key:18s} {name:22s} {t['p50']:9.3f} {t['p20']:8.3f}-{t['p80']:<8.3f} {rel:>10s}")
     print()
-    for title, targets in (("targets (issue 5)", TARGETS), ("the same for FLARE's two streams", FLARE_CHECKS)):
+    for title, targets in (("targets (issue 5)", TARGETS), ("the same for FLARE's two streams", FLARE_CHECKS),
+                           ("where M=1 stands", BASE_CHECKS)):
         print(title)
         for t in targets:
             got = ratio(results, t)
@@ -296,7 +313,7 @@ def write(results: dict, meta: dict, out_dir: Path) -> None:
                 for row in rows:
                     w.writerow(row.cells(device, vers, commit))
     targets = []
-    for t in TARGETS + FLARE_CHECKS:
+    for t in TARGETS + FLARE_CHECKS + BASE_CHECKS:
         got = ratio(results, t)
         targets.append(dict(target=t.text, cell=t.cell, against=got[1] if got else None,
                             ratio=got[0] if got else None, required=t.at_least,

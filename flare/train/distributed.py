@@ -55,11 +55,29 @@ class Dist:
             tdist.barrier()
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
-        """All-reduced sum (a copy; the input is untouched)."""
-        value = value.detach().clone()
+        """All-reduced sum (a copy on the training device; the input is untouched)."""
+        # NCCL reduces CUDA tensors only: a CPU tensor handed to it fails, so the copy lives on our device
+        value = value.detach().to(self.device, copy=True)
         if self.enabled:
             tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
         return value
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is True on at least one (a decision all ranks must share)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor(int(flag), device=self.device)
+        tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process (any picklable value; other ranks' ``obj`` is ignored)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        # the pickled bytes travel as a tensor: on the training device, as NCCL requires
+        tdist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

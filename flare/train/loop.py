@@ -70,7 +70,24 @@ class StepBudget:
         if self.remaining is None:
             return False
         self.remaining -= 1
-        return self.remaining <= 0
+        return self.exhausted
+
+    @property
+    def exhausted(self) -> bool:
+        return self.remaining is not None and self.remaining <= 0
+
+
+def stop_agreed(stop: StopFlag, dist: Dist) -> bool:
+    """Whether any process got SIGINT/SIGTERM; all processes then hold the same StopFlag.
+
+    A signal may reach one rank only (or reach the ranks at different steps): a rank that stopped alone
+    would wait in the checkpoint's barriers while the others run the next step's collectives, and the job
+    would hang. Every rank calls this at the same point, so they all leave at the same step boundary.
+    """
+    if dist.any(stop.requested) and not stop.requested:
+        stop.requested = True
+        stop.reason = "SIGINT/SIGTERM received by another process"
+    return stop.requested
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -182,7 +199,7 @@ def run_stage(
                 step += 1
                 mean_loss = float(dist.sum(local_loss)) / units
                 history.append({"step": step, "epoch": round(step / per_epoch, 4), "loss": mean_loss, "lr": lr})
-                progress.update(mean_loss, int(dist.sum(torch.tensor(tokens))), lr)
+                progress.update(mean_loss, int(dist.sum(torch.tensor(tokens, device=device))), lr)
 
                 end_of_epoch = step % per_epoch == 0
                 if spec.evaluate is not None and (
@@ -191,7 +208,9 @@ def run_stage(
                     or step == total
                 ):
                     _evaluate(module, spec, step, evals, best, progress, dist)
-                stopping = budget.spend() or stop.requested
+                # stop_agreed is a collective: every rank calls it every step (no short-circuit)
+                budget_spent = budget.spend()
+                stopping = stop_agreed(stop, dist) or budget_spent
                 if (
                     (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0)
                     or (not cfg.checkpoint_steps and end_of_epoch)
@@ -219,18 +238,22 @@ def run_stage(
 def _evaluate(module, spec: StageSpec, step: int, evals: list, best: dict, progress: Progress, dist: Dist) -> None:
     """Evaluate on rank 0 without touching the training RNG; keep the best adapter (model selection)."""
     model = unwrap(module)
+    record = None
     if dist.is_main:
         devices = [dist.device] if dist.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             score, details = spec.evaluate(model)
         model.train()
-        evals.append({"step": step, "score": score, "details": details})
+        record = {"step": step, "score": score, "details": details}
         progress.write(f"{spec.name} step {step}: validation {score:.2f}")
         if best["score"] is None or score > best["score"]:
-            best["score"], best["step"] = score, step
             save_adapter(model, spec.directory / "best")
-    # every rank keeps the same bookkeeping (checkpoints are written by rank 0 only)
-    dist.barrier()
+    # Every rank keeps the same bookkeeping: the StageResult (best_step, evals) decides which adapter each
+    # rank restores and returns. The broadcast also waits for rank 0's evaluation and best/ adapter.
+    record = dist.broadcast(record)
+    evals.append(record)
+    if best["score"] is None or record["score"] > best["score"]:
+        best["score"], best["step"] = record["score"], step
 
 
 def _nullcontext():

@@ -28,7 +28,7 @@ from .checkpoint import restore_adapter, save_adapter, write_json
 from .config import TrainConfig
 from .distributed import Dist, init_distributed
 from .inputs import StageData, load_stage_data
-from .loop import StageResult, StageSpec, StepBudget, TrainingStopped, autocast_factory, run_stage
+from .loop import StageResult, StageSpec, StepBudget, TrainingStopped, autocast_factory, run_stage, stop_agreed
 from .modeling import (
     builtin_base,
     check_max_length,
@@ -152,8 +152,11 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
                     write_json(done, dataclasses.asdict(results["stage1"]))
                 dist.barrier()
                 del model
-                if stop.requested:  # interrupted during the last step of stage 1: stage 1 is complete and saved
-                    raise TrainingStopped("stage1", results["stage1"].steps, stage1_adapter, stop.reason)
+                # Stopped at the last step of stage 1 (a signal, on any rank, or a step budget that ends
+                # exactly here): stage 1 is complete and saved, and stage 2 must not take a step beyond it.
+                if stop_agreed(stop, dist) or (budget.exhausted and "stage2" in cfg.stages):
+                    reason = stop.reason or "stop_after_steps reached"
+                    raise TrainingStopped("stage1", results["stage1"].steps, stage1_adapter, reason)
 
         test_result, adapter, model = None, None, None
         if "stage2" in cfg.stages:
@@ -186,7 +189,9 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
             results["stage2"] = run_stage(model, spec, cfg, dist, family, task, tokenizer.pad_token_id, budget, stop)
             if dist.is_main:
                 save_adapter(model, out / "stage2" / "adapter")
+            dist.barrier()  # every rank returns these paths: they must be written before any rank goes on
             adapter = out / "stage2" / "adapter"
+            # best_step is the same on every rank (run_stage broadcasts rank 0's evaluations): all restore it
             if results["stage2"].best_step is not None:
                 adapter = out / "stage2" / "best"
                 restore_adapter(model, adapter)

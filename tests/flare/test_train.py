@@ -80,6 +80,24 @@ def test_resume_after_interruptions_is_exact(tmp_path):
     assert full.stages["stage2"].best_step == resumed.stages["stage2"].best_step
 
 
+def test_stop_after_steps_ending_with_stage1_takes_no_stage2_step(tmp_path):
+    """A budget that runs out on stage 1's last step leaves there (it used to take one stage-2 step too many);
+    resuming then runs stage 2 exactly as an uninterrupted run does."""
+    common = dict(stage1_epochs=1, epochs=1, max_train_examples=64, max_eval_examples=4)  # 2 steps per stage
+    full = train(short(tmp_path, "full", **common))
+    cfg = short(tmp_path, "split", **common)
+    with pytest.raises(TrainingStopped, match="stop_after_steps") as stop:
+        train(cfg, stop_after_steps=2)
+    assert stop.value.stage == "stage1" and stop.value.step == 2
+    assert [p.name for p in checkpoint_dirs(tmp_path / "split" / "stage1" / "checkpoints")] == ["step-00000002"]
+    assert not (tmp_path / "split" / "stage2").exists()  # not a single stage-2 step
+    resumed = train(cfg, resume=True)
+    assert resumed.stages["stage2"].steps == 2
+    assert full.loss_curve("stage2") == resumed.loss_curve("stage2")
+    a, b = adapter_tensors(full.output_dir), adapter_tensors(resumed.output_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     cfg = short(tmp_path, "run", epochs=1, max_train_examples=64)
     with pytest.raises(TrainingStopped):

@@ -193,6 +193,9 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from .translate import Translator, nllb_code, translate_test_rows, translate_to_file, translate_train_rows
 
     task = get_task(args.task)
+    # Language codes first: a bad --lang fails in a moment, not after loading a multi-GB MT model.
+    lang_code = nllb_code(args.lang, args.lang_code)
+    english = nllb_code("en", args.english_code)
     if args.input:
         rows = read_rows(
             args.input, task.kind, lang=args.lang if args.mode == "test" else "en", label_names=task.labels or None
@@ -206,8 +209,6 @@ def cmd_translate(args: argparse.Namespace) -> int:
     translator = Translator.from_pretrained(
         args.model, device=args.device, batch_size=args.batch_size, max_length=args.max_length, num_beams=args.num_beams
     )
-    lang_code = nllb_code(args.lang, args.lang_code)
-    english = nllb_code("en", args.english_code)
     if args.mode == "test":
 
         def chunk(part):
@@ -219,6 +220,12 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
     report = translate_to_file(rows, args.output, chunk, chunk_size=args.chunk_size, resume=args.resume)
     print(report.message())
+    if translator.truncated_segments:  # warned once when first seen; the run's total goes with the result
+        print(
+            f"warning: {translator.truncated_segments} segments were longer than --max-length {args.max_length} "
+            "tokens with no sentence break and were truncated before translation",
+            file=sys.stderr,
+        )
     return 0
 
 

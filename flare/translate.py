@@ -85,7 +85,10 @@ NLLB_CODES = {
 }
 NOT_IN_NLLB = {"bbc": "ind_Latn", "mad": "ind_Latn", "nij": "ind_Latn"}
 MARKERS = (("«", "»"), ('"', '"'), ("[", "]"))
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？؟।])\s+")
+# Latin/Arabic/Devanagari sentence ends need following whitespace ("3.5", "e.g." stay whole); the CJK
+# full stops end a sentence with or without it, since Chinese and Japanese put no space between sentences
+# (a run like "！？" or a closing quote after the stop stays with its sentence).
+_SENTENCE_END = re.compile(r"(?<=[.!?؟।])\s+|(?<=[。！？])(?![。！？」』）])\s*")
 
 
 def nllb_code(lang: str, override: str | None = None) -> str:
@@ -99,7 +102,9 @@ def nllb_code(lang: str, override: str | None = None) -> str:
         return NOT_IN_NLLB[lang]
     if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang):
         return lang  # already an NLLB code
-    raise ValueError(f"no NLLB-200 code known for language {lang!r}; pass it explicitly (e.g. --src-code swh_Latn)")
+    raise ValueError(
+        f"no NLLB-200 code known for language {lang!r}; pass it explicitly with --lang-code (e.g. --lang-code swh_Latn)"
+    )
 
 
 # ------------------------------------------------------------------------------------- translator
@@ -112,6 +117,11 @@ class Translator:
         max_new_tokens: generation budget per text (default: 2 x max_length).
         num_beams: beam search width (1 = greedy).
     """
+
+    # Segments cut by the tokenizer at max_length (no sentence break short enough): counted over the
+    # translator's lifetime, warned about once (class defaults: test doubles skip __init__).
+    truncated_segments: int = 0
+    _warned_truncation: bool = False
 
     def __init__(
         self,
@@ -160,11 +170,35 @@ class Translator:
     def _n_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _fits(self, text: str) -> bool:
+        return self._n_tokens(text) <= self.max_length - 2  # NLLB adds the language code and </s>
+
     def _segments(self, text: str) -> list[str]:
         """The text, or its sentences when it is longer than max_length tokens."""
-        if self._n_tokens(text) <= self.max_length - 2:
-            return [text]
-        return [s for s in _SENTENCE_END.split(text) if s] or [text]
+        return self._split(text)[0]
+
+    def _split(self, text: str) -> tuple[list[str], int]:
+        """(segments of the text, how many of them are still longer than max_length tokens)."""
+        if self._fits(text):
+            return [text], 0
+        sentences = [s for s in _SENTENCE_END.split(text) if s] or [text]
+        return sentences, sum(not self._fits(s) for s in sentences)
+
+    def _note_truncated(self, n: int) -> None:
+        """Count segments the tokenizer will cut at max_length (their tail is never translated); warn once
+        per translator so a long run says it without repeating itself for every chunk."""
+        if not n:
+            return
+        self.truncated_segments += n
+        if not self._warned_truncation:
+            self._warned_truncation = True
+            logger.warning(
+                "%d text segment(s) have no sentence break within max_length=%d tokens and are truncated to it "
+                "(the rest is not translated); raise --max-length to keep them whole (warned once; "
+                "Translator.truncated_segments keeps the total, which flare translate prints at the end)",
+                n,
+                self.max_length,
+            )
 
     @torch.no_grad()
     def _generate(self, texts: list[str], src_code: str, tgt_code: str) -> list[str]:
@@ -185,9 +219,13 @@ class Translator:
         self._language_id(src_code)
         self._language_id(tgt_code)
         pieces: list[tuple[int, str]] = []  # (text index, segment)
+        too_long = 0
         for i, text in enumerate(texts):
             if text and text.strip():
-                pieces += [(i, seg) for seg in self._segments(text)]
+                segments, n_long = self._split(text)
+                pieces += [(i, seg) for seg in segments]
+                too_long += n_long
+        self._note_truncated(too_long)
         order = sorted(range(len(pieces)), key=lambda k: -len(pieces[k][1]))
         translated = [""] * len(pieces)
         for start in range(0, len(order), self.batch_size):
@@ -336,24 +374,31 @@ class TranslationReport:
 
 
 def _read_partial(path: Path) -> list[dict]:
-    """Complete JSON lines of a partial file (a torn last line is cut off)."""
+    """Complete JSON lines of a partial file (a torn last line is cut off; a complete last record whose
+    newline was lost gets it back, so the next append starts a line of its own)."""
     if not path.exists():
         return []
     good, records = 0, []
     with open(path, "rb") as f:
         data = f.read()
-    for line in data.split(b"\n"):
-        if not line.strip():
-            good += len(line) + 1
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good += len(line) + 1
+    while good < len(data):
+        end = data.find(b"\n", good)
+        stop = len(data) if end < 0 else end + 1
+        line = data[good:stop]
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # JSONDecodeError, or UnicodeDecodeError when torn inside a UTF-8 character
+                break
+        good = stop
     if good < len(data):
         with open(path, "r+b") as f:
-            f.truncate(min(good, len(data)))
+            f.truncate(good)
+    elif data and not data.endswith(b"\n"):
+        # A crash between a record's "}" and its "\n": the record is whole (no proper prefix of a JSON
+        # object parses), but appending the next chunk would continue its line and break the JSONL.
+        with open(path, "ab") as f:
+            f.write(b"\n")
     return records
 
 

@@ -38,9 +38,12 @@ def read_table(path: str | os.PathLike) -> list[dict]:
     fmt = file_format(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {str(path)!r}")
+    # "utf-8-sig" reads plain UTF-8 unchanged and drops a byte-order mark (Excel's "CSV UTF-8", Notepad):
+    # kept, it would rename the first CSV column to "\ufeffid" (ids silently become row numbers) and make
+    # the first JSON line unparsable.
     if fmt == "jsonl":
         records = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -49,14 +52,14 @@ def read_table(path: str | os.PathLike) -> list[dict]:
                         raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
         return records
     if fmt == "json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
         if isinstance(data, dict) and "data" in data:
             data = data["data"]
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
         return data
     if fmt in ("csv", "tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
             return [{k: (None if v == "" else v) for k, v in row.items()} for row in reader]
     import pyarrow.parquet as pq  # comes with datasets

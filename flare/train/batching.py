@@ -14,7 +14,7 @@ label token differently depending on its neighbours.)
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -31,6 +31,11 @@ class Example:
     target: Encoded
     source: Encoded | None
     label: int = 0  # classification label (encoders and decoder scoring)
+    # Decoders: the max_length the streams were encoded for, and (stream, max_length) -> that stream
+    # encoded again, so collate can shorten the prompts of a batch whose longest answer is longer than
+    # this row's own (see _fit_prompts). None: no width limit (examples built by hand).
+    max_length: int | None = None
+    reencode: Callable[[str, int], Encoded] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def loss_units(self) -> int:
@@ -57,8 +62,21 @@ def prepare(
             if with_source
             else None
         )
-        out.append(Example(i, target, source, label=int(row.get("label", 0)) if task.kind == "classification" else 0))
+        example = Example(i, target, source, label=int(row.get("label", 0)) if task.kind == "classification" else 0)
+        if family == "decoder":
+            example.max_length = max_length
+            example.reencode = _reencoder(task, tokenizer, row, with_answer)
+        out.append(example)
     return out
+
+
+def _reencoder(task: Task, tokenizer, row: dict, with_answer: bool) -> Callable[[str, int], Encoded]:
+    # Without the dataset-wide token cache: holding it for the whole run would cost more memory than
+    # tokenizing again the few rows of a batch that need a shorter prompt.
+    def reencode(stream: str, max_length: int) -> Encoded:
+        return encode(task, tokenizer, row, stream, max_length, "decoder", with_answer=with_answer)
+
+    return reencode
 
 
 def epoch_order(n: int, seed: int, stage: int, epoch: int) -> list[int]:
@@ -87,6 +105,46 @@ def micro_slices(batch: list[int], micro: int, accumulation: int, rank: int, wor
 
 
 # ------------------------------------------------------------------------------------- collation
+def _fit_prompts(examples: Sequence[Example], answer_len: int) -> tuple[list[Encoded], list[Encoded]]:
+    """(targets, sources) whose prompts fit max_length next to the batch's longest answer.
+
+    A decoder row is [prompt][answer] padded to the batch's longest prompt plus its longest answer,
+    over both streams (answers start at one column so the fused positions line up). Each stream was
+    truncated against its own answer only, so a long prompt next to another stream's or row's long
+    answer would make the batch wider than max_length (past the model's positions). Such prompts are
+    encoded again for the shared answer width (the task's truncatable fields shortened as usual); the
+    answers, and so the labels, stay as they are.
+    """
+    targets = [e.target for e in examples]
+    sources = [e.source for e in examples if e.source is not None]
+    limits = [e.max_length for e in examples if e.max_length is not None]
+    if not limits:
+        return targets, sources
+    limit = min(limits)
+    prompt_budget = limit - answer_len
+
+    def fit(e: Example, stream: str, enc: Encoded) -> Encoded:
+        if len(enc.prompt) <= prompt_budget:
+            return enc
+        if e.reencode is None:
+            raise ValueError(f"example {e.index}: prompt of {len(enc.prompt)} tokens does not fit max_length={limit}")
+        try:
+            short = e.reencode(stream, prompt_budget + len(enc.answer))
+        except ValueError:
+            raise ValueError(
+                f"example {e.index} ({stream}): its prompt cannot be shortened to {prompt_budget} tokens, which "
+                f"is what max_length={limit} leaves next to the batch's longest answer ({answer_len} tokens); "
+                "raise --max-length"
+            ) from None
+        if short.answer != enc.answer:  # the labels must not change with the batch
+            raise RuntimeError(f"example {e.index} ({stream}): re-encoding changed the answer tokens")
+        return short
+
+    targets = [fit(e, "target", e.target) for e in examples]
+    sources = [fit(e, "source", e.source) for e in examples if e.source is not None]
+    return targets, sources
+
+
 def _decoder_rows(encs: list[Encoded], prompt_len: int, answer_len: int, pad: int):
     ids, mask, labels = [], [], []
     for e in encs:
@@ -115,8 +173,9 @@ def collate(examples: Sequence[Example], family: str, task: Task, pad_id: int, *
     both = targets + sources
     batch: dict = {}
     if family == "decoder":
-        prompt_len = max(len(e.prompt) for e in both)
         answer_len = max(len(e.answer) for e in both) if with_answer else 0
+        targets, sources = _fit_prompts(examples, answer_len)
+        prompt_len = max(len(e.prompt) for e in targets + sources)
         batch["input_ids"], batch["attention_mask"], labels = _decoder_rows(targets, prompt_len, answer_len, pad_id)
         if sources:
             batch["source_input_ids"], batch["source_attention_mask"], _ = _decoder_rows(

@@ -185,6 +185,19 @@ def test_attach_translations_reports_rows_left_without_english(tmp_path):
         read_translations(tmp_path / "bad.jsonl")
 
 
+def test_files_with_a_byte_order_mark_keep_their_first_column(tmp_path):
+    # Excel's "CSV UTF-8" starts with a BOM: read as plain UTF-8 the first column was "\ufeffid", so every
+    # row silently got its row number as id and no translation matched.
+    (tmp_path / "test.csv").write_text("id,lang,text,label\nnx-17,jav,apik,2\nnx-42,jav,elek,0\n", encoding="utf-8-sig")
+    (tmp_path / "tr.tsv").write_text("id\tsource_text\nnx-17\tgood\nnx-42\tbad\n", encoding="utf-8-sig")
+    (tmp_path / "rows.jsonl").write_text('{"id": "nx-17", "lang": "jav", "text": "apik", "label": 2}\n', "utf-8-sig")
+    rows = read_rows(tmp_path / "test.csv", "classification")
+    assert [r["id"] for r in rows] == ["nx-17", "nx-42"]
+    rows, report = attach_translations(rows, read_translations(tmp_path / "tr.tsv"), "classification")
+    assert not report.missing_ids and [r["source_text"] for r in rows] == ["good", "bad"]
+    assert read_rows(tmp_path / "rows.jsonl", "classification")[0]["id"] == "nx-17"
+
+
 def test_write_jsonl_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "out.jsonl"
     write_jsonl(path, [{"id": 1}])

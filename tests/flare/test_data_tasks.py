@@ -171,3 +171,48 @@ def test_collate_rejects_mixed_source_rows(tok):
     with pytest.raises(ValueError, match="mixes rows"):
         collate(ex, "decoder", task, tok.pad_token_id, with_answer=True)
     assert torch.is_tensor(collate(ex[:1], "encoder", task, tok.pad_token_id, with_answer=True)["class_labels"])
+
+
+def _qa_row(rid, context, answer, source_answer):
+    return {
+        "id": rid,
+        "lang": "qaa",
+        "question": "food",
+        "context": context,
+        "answers": {"text": [answer], "answer_start": [0]},
+        "source_question": "food",
+        "source_context": context,
+        "source_answers": {"text": [source_answer], "answer_start": [0]},
+    }
+
+
+def test_decoder_batch_never_exceeds_max_length_and_keeps_answers_aligned(tok):
+    # Each stream is truncated against its own answer; the batch pads to the longest prompt plus the
+    # longest answer over both streams and all rows, which used to come out wider than max_length.
+    task = get_task("tydiqa")
+    words = "the food was great today and "
+    rows = [
+        _qa_row("a", words * 20, "food", words * 3),  # long prompt, short target answer, long source answer
+        _qa_row("b", words * 20, "food", "food"),  # long prompt, short answers: fits with its own answers only
+    ]
+    ex = prepare(rows, task, tok, "decoder", 64, with_source=True, with_answer=True)
+    for e in ex:
+        assert len(e.target.prompt) + len(e.target.answer) == 64 == len(e.source.prompt) + len(e.source.answer)
+    b = collate(ex, "decoder", task, tok.pad_token_id, with_answer=True)
+    A = b["answer_len"]
+    assert b["input_ids"].shape == b["source_input_ids"].shape == (2, 64)
+    assert A == len(ex[0].source.answer)  # the long English answer is kept whole
+    colon = tok.convert_tokens_to_ids(":")
+    for ids, mask, streams in (
+        (b["input_ids"], b["attention_mask"], [e.target for e in ex]),
+        (b["source_input_ids"], b["source_attention_mask"], [e.source for e in ex]),
+    ):
+        assert (ids[:, 64 - A - 1] == colon).all() and (mask[:, 64 - A - 1] == 1).all()  # prompts end at one column
+        for row, enc in zip(ids.tolist(), streams):
+            assert row[64 - A : 64 - A + len(enc.answer)] == enc.answer  # answers intact, right after the prompt
+        assert (ids[:, 0] == tok.bos_token_id).all()  # shortened inside the context: the template is whole
+    labels = b["labels"].tolist()
+    for row, e in zip(labels, ex):
+        assert [t for t in row if t != IGNORE] == e.target.answer  # the loss sees exactly the target answers
+    short = collate(ex[1:], "decoder", task, tok.pad_token_id, with_answer=True)  # nothing to shorten: unchanged
+    assert short["input_ids"][0].tolist() == ex[1].target.prompt + ex[1].target.answer

@@ -222,6 +222,40 @@ def test_long_texts_are_split_into_sentences_and_rejoined():
     assert sorted(len(c) for c in mt.calls) == [4]  # 3 sentences + 1 short text in one batch
 
 
+class CharMT(Translator):
+    """One token per character; "translates" by returning what the model would see after truncation."""
+
+    def __init__(self, max_length):
+        self.batch_size, self.max_length, self.calls = 8, max_length, []
+
+    def _language_id(self, code):
+        return 0
+
+    def _n_tokens(self, text):
+        return len(text)
+
+    def _generate(self, texts, src, tgt):
+        self.calls.append(list(texts))
+        return [t[: self.max_length - 2] for t in texts]  # NLLB's tokenizer keeps max_length - 2 text tokens
+
+
+def test_cjk_texts_are_split_at_full_width_stops_and_overlong_segments_are_reported(caplog):
+    # Chinese/Japanese put no space after 。！？: the split used to need one, so a long passage stayed one
+    # segment and lost everything past max_length tokens without a word.
+    zh = "第一句话很长。第二句话也长！第三句话更长？"
+    mt = CharMT(max_length=10)
+    assert mt.translate([zh], "zho_Hans", "eng_Latn") == ["第一句话很长。 第二句话也长！ 第三句话更长？"]
+    assert sorted(mt.calls[0]) == sorted(["第一句话很长。", "第二句话也长！", "第三句话更长？"])
+    assert mt._segments("他说：「好。」然后走了。。下一句很长的话") == ["他说：「好。」然后走了。。", "下一句很长的话"]
+    assert mt.truncated_segments == 0 and not caplog.records
+    with caplog.at_level("WARNING", logger="flare.translate"):
+        mt.translate(["这是一个没有句号的非常长的句子", "短。另一个没有句号的非常长的句子"], "zho_Hans", "eng_Latn")
+        mt.translate(["又一个没有句号的非常长的句子"], "zho_Hans", "eng_Latn")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith("2 text segment(s)") and "max_length=10" in warnings[0]
+    assert mt.truncated_segments == 3  # warned once, counted throughout
+
+
 def test_translate_test_rows_fill_source_fields():
     rows = [
         {"id": "1", "lang": "sw", "text": "the capital", "text_pair": None, "label": 0},
@@ -279,6 +313,31 @@ def test_interrupted_translation_resumes_to_the_same_file(tmp_path):
     (tmp_path / "other.jsonl.partial").write_text('{"id": "zz"}\n')  # a partial file of other input
     with pytest.raises(ValueError, match="prefix"):
         translate_to_file(rows, tmp_path / "other.jsonl", chunk, resume=True, progress=False)
+
+
+def test_resume_after_a_write_torn_just_before_its_newline(tmp_path):
+    # The crash left the last record complete but without its "\n": the next chunk used to be appended
+    # on the same line, and the finished file was not valid JSONL.
+    from flare.data import read_table
+
+    rows = _rows(4)
+
+    def chunk(part):
+        return translate_test_rows(part, "classification", WordMT(), "swh_Latn")
+
+    out = tmp_path / "out.jsonl"
+    first = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chunk(rows[:2]))
+    (tmp_path / "out.jsonl.partial").write_text(first[:-1])
+    report = translate_to_file(rows, out, chunk, chunk_size=2, resume=True, progress=False)
+    assert report.resumed_from == 2 and report.rows == 4
+    assert [r["id"] for r in read_table(out)] == ["0", "1", "2", "3"]
+    assert out.read_text().startswith(first)
+    # Torn inside a multi-byte character (ensure_ascii=False output of non-Latin text): cut off, not a crash.
+    out.unlink()
+    torn = json.dumps({"id": "2", "lang": "sw", "source_text": "首都"}, ensure_ascii=False).encode()[:-4]
+    (tmp_path / "out.jsonl.partial").write_bytes(first.encode() + torn)
+    report = translate_to_file(rows, out, chunk, chunk_size=2, resume=True, progress=False)
+    assert report.resumed_from == 2 and [r["id"] for r in read_table(out)] == ["0", "1", "2", "3"]
 
 
 def test_cli_translate_with_a_local_model_and_input_file(tiny_mt, tmp_path, capsys):
@@ -339,6 +398,21 @@ def test_cli_translate_with_a_local_model_and_input_file(tiny_mt, tmp_path, caps
         == 2
     )
     assert "no NLLB-200 code" in capsys.readouterr().err
+
+
+def test_cli_translate_checks_the_language_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from flare.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the MT model was loaded before the language code was checked")
+
+    monkeypatch.setattr(Translator, "from_pretrained", never)
+    src = tmp_path / "xx.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _rows(2)))
+    argv = ["translate", "--task", "nusax", "--mode", "test", "--lang", "xx", "--input", str(src)]
+    assert main(argv + ["--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "no NLLB-200 code known for language 'xx'" in err and "--lang-code" in err  # the option that exists
 
 
 def test_cli_translate_train_from_the_hub_copy_reports_unlocated_spans(tiny_mt, tmp_path, capsys):

@@ -146,6 +146,10 @@ def _config_from_peft(peft: dict, path: Path) -> FlareConfig:
         raise ValueError(f"{path}: LoRA bias={peft['bias']!r} is not supported")
     if peft.get("rank_pattern") or peft.get("alpha_pattern"):
         raise ValueError(f"{path}: per-module rank_pattern / alpha_pattern is not supported")
+    for key in ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters"):
+        # Each narrows or widens PEFT's selection: ignored, the strict load would fail with "does not fit".
+        if peft.get(key):
+            raise ValueError(f"{path}: {key}={peft[key]!r} is not supported; list the adapted modules in target_modules")
     targets = peft.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
         raise ValueError(f"{path}: regular-expression target_modules ({targets!r}) are not supported; list the modules")

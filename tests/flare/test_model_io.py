@@ -189,3 +189,13 @@ def test_save_is_atomic_and_overwrites(tmp_path, monkeypatch):
         "adapter_model.safetensors",
         "flare_config.json",
     ]
+
+
+@pytest.mark.parametrize("option", [dict(layers_to_transform=[0]), dict(exclude_modules=["k_proj"])])
+def test_peft_options_we_do_not_apply_are_refused_by_name(tmp_path, option):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], **option)
+    get_peft_model(tiny_model("llama"), cfg).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=f"{next(iter(option))}=.* is not supported"):
+        flare.load_flare_model(tiny_model("llama"), tmp_path)

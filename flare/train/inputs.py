@@ -53,6 +53,26 @@ def _limit(rows: list[dict], n: int | None) -> list[dict]:
     return rows if n is None else rows[:n]
 
 
+def _limit_languages(rows: list[dict], n: int | None) -> list[dict]:
+    """At most n rows taken in turn from each language (in order of first appearance), so a cap on
+    a multilingual training set keeps every language rather than the first ones only."""
+    if n is None or len(rows) <= n:
+        return rows
+    by_lang: dict[str, list[dict]] = {}
+    for row in rows:
+        by_lang.setdefault(row.get("lang"), []).append(row)
+    picked: list[dict] = []
+    queues = [iter(v) for v in by_lang.values()]
+    while len(picked) < n and queues:
+        for q in list(queues):
+            row = next(q, None)
+            if row is None:
+                queues.remove(q)
+            elif len(picked) < n:
+                picked.append(row)
+    return picked
+
+
 def _hub_rows(cfg: TrainConfig, task: Task, lang: str, split: str, parallel: bool) -> list[dict]:
     path = cfg.dataset_path
     source = "parallel" if parallel else None
@@ -117,7 +137,7 @@ def load_stage_data(cfg: TrainConfig, task: Task) -> StageData:
         train = _split_rows(cfg, task, "train", cfg.train_file, cfg.train_translations, languages, parallel=True)
         train, report = require_sources(train, task.kind, name="train", policy=cfg.missing_source)
         reports.append(report)
-        train = _limit(train, cfg.max_train_examples)
+        train = _limit_languages(train, cfg.max_train_examples)
         if not train:
             raise ValueError(f"no stage-2 training rows for languages {languages}")
 

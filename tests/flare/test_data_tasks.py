@@ -216,3 +216,22 @@ def test_decoder_batch_never_exceeds_max_length_and_keeps_answers_aligned(tok):
         assert [t for t in row if t != IGNORE] == e.target.answer  # the loss sees exactly the target answers
     short = collate(ex[1:], "decoder", task, tok.pad_token_id, with_answer=True)  # nothing to shorten: unchanged
     assert short["input_ids"][0].tolist() == ex[1].target.prompt + ex[1].target.answer
+
+
+def test_a_training_cap_keeps_every_language(tmp_path):
+    """max_train_examples takes rows in turn from each language, not the first language's only
+    (hub datasets and files come one language after the other)."""
+    import json
+    from collections import Counter
+
+    from flare.default.sample import load_sample
+    from flare.train.config import TrainConfig
+    from flare.train.inputs import load_stage_data
+
+    rows = sorted(load_sample("train"), key=lambda r: r["lang"])  # all qaa rows, then all qab rows
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = TrainConfig(stages=("stage2",), max_train_examples=9, train_file=str(train_file))
+    data = load_stage_data(cfg, get_task("toy"))
+    assert len(data.train) == 9
+    assert Counter(r["lang"] for r in data.train) == Counter({"qaa": 5, "qab": 4})

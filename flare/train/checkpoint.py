@@ -154,12 +154,26 @@ def write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def _swap_names(path: Path) -> tuple[Path, Path]:
+    return path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+
+
+def recover_adapter(path: Path) -> None:
+    """Finish a ``save_adapter`` interrupted between its two renames: ``path`` gone, the previous
+    adapter still whole under its ``.old`` name. Idempotent; nothing to do in every other state."""
+    path = Path(path)
+    _, old = _swap_names(path)
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+        _fsync_dir(path.parent)
+
+
 def save_adapter(model, path: Path) -> Path:
     """The adapter in PEFT's layout (``model.save_pretrained``) plus ``trainable.safetensors`` (every
     trainable tensor by parameter name, for an exact in-place restore), replacing ``path`` atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    old = path.with_name(f".{path.name}.old")
+    tmp, old = _swap_names(path)
+    recover_adapter(path)  # else the cleanup below would delete the only copy of the previous adapter
     for p in (tmp, old):
         if p.exists():
             shutil.rmtree(p)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..tasks import get_task
+from .checkpoint import recover_adapter
 from .config import TrainConfig
 from .distributed import resolve_device
 from .modeling import detect_family, flare_api, load_base_model, load_tokenizer, merged_stage1
@@ -23,6 +24,7 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
 def run_adapter(run_dir: Path) -> Path:
     """The adapter the run's test table used: stage2/best when validation selected one, else stage2/adapter."""
     for name in ("best", "adapter"):
+        recover_adapter(run_dir / "stage2" / name)  # a save interrupted between its renames
         if (run_dir / "stage2" / name / "adapter_config.json").is_file():
             return run_dir / "stage2" / name
     raise FileNotFoundError(f"{run_dir} holds no finished stage-2 adapter (stage2/best or stage2/adapter)")

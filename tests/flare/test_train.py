@@ -216,3 +216,25 @@ def test_builtin_default_on_gpu_uses_8bit_adamw_and_bf16(tmp_path):
     result = train(short(tmp_path, "gpu", epochs=1, device="cuda"))
     assert result.loss_curve("stage2")[-1] < result.loss_curve("stage1")[0]
     assert os.path.isdir(result.adapter)
+
+
+def test_an_adapter_save_interrupted_between_its_renames_is_recovered(tmp_path):
+    """save_adapter moves the previous adapter aside, then the new one in: a crash in between must
+    neither hide the previous adapter from run_adapter nor let the next save delete it."""
+    from flare.testing import make_flare
+    from flare.train.checkpoint import save_adapter
+    from flare.train.restore import run_adapter
+
+    model = make_flare("llama")
+    best = save_adapter(model, tmp_path / "stage2" / "best")
+    save_adapter(model, tmp_path / "stage2" / "adapter")
+    os.replace(best, best.with_name(".best.old"))  # the state between the two renames
+    assert run_adapter(tmp_path) == best and (best / "trainable.safetensors").is_file()
+
+    os.replace(best, best.with_name(".best.old"))
+    tmp = best.with_name(".best.tmp")
+    tmp.mkdir()  # a half-written new adapter
+    (tmp / "partial").write_text("")
+    save_adapter(model, best)
+    assert (best / "trainable.safetensors").is_file() and not tmp.exists()
+    assert not best.with_name(".best.old").exists()

@@ -216,6 +216,11 @@ def load_flare_model(model: nn.Module, path, *, is_trainable: bool = False):
         config.modules_to_save = tuple(
             n for n in config.modules_to_save if any(name_matches(p, n) for p in present)
         )
+        if not isinstance(config.lora_modules, str):
+            # Likewise target_modules: PEFT needs one name to match, so lists written for several
+            # architectures (["q_proj", "query", ...]) load there. If none matches, resolve_targets says so.
+            kept = tuple(n for n in config.lora_modules if any(name_matches(p, n) for p in present))
+            config.lora_modules = kept or config.lora_modules
     state = _load_tensors(path / ADAPTER_WEIGHTS)
     fusion_file = path / FUSION_WEIGHTS
     if config.fuses and config.fusion == "cross_attention":

@@ -118,7 +118,8 @@ def test_flare_loads_a_peft_sequence_classification_adapter(tmp_path):
     """PEFT's SEQ_CLS adapters list both head names it knows ("classifier", "score"); a model has one."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"])
+    # Names for two architectures, as shared configs list them: PEFT adapts those the model has.
+    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value", "query_key_value"])
     peft_model = get_peft_model(tiny_model("xlm-roberta"), cfg)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -130,6 +131,7 @@ def test_flare_loads_a_peft_sequence_classification_adapter(tmp_path):
     ids, mask, _, _ = random_streams("xlm-roberta", seed=5)
     fm = flare.load_flare_model(tiny_model("xlm-roberta"), tmp_path)
     assert fm.targets.modules_to_save == ["classifier"]
+    assert {p.rsplit(".", 1)[-1] for p in fm.targets.adapted} == {"query", "value"}
     peft_model.eval()
     with torch.no_grad():
         assert_close_scaled(fm(ids, mask).logits, peft_model(input_ids=ids, attention_mask=mask).logits, **FP32)

@@ -213,14 +213,15 @@ def load_flare_model(model: nn.Module, path, *, is_trainable: bool = False):
         # PEFT lists every head name its task type may use (SEQ_CLS: "classifier" and "score") and
         # wraps those the model has; so do we. A head whose weights are missing fails the strict load.
         present = [p for p, _ in model.named_modules() if p]
-        config.modules_to_save = tuple(
-            n for n in config.modules_to_save if any(name_matches(p, n) for p in present)
-        )
+
+        def in_model(names) -> tuple[str, ...]:
+            return tuple(n for n in names if any(name_matches(p, n) for p in present))
+
+        config.modules_to_save = in_model(config.modules_to_save)
         if not isinstance(config.lora_modules, str):
             # Likewise target_modules: PEFT needs one name to match, so lists written for several
             # architectures (["q_proj", "query", ...]) load there. If none matches, resolve_targets says so.
-            kept = tuple(n for n in config.lora_modules if any(name_matches(p, n) for p in present))
-            config.lora_modules = kept or config.lora_modules
+            config.lora_modules = in_model(config.lora_modules) or config.lora_modules
     state = _load_tensors(path / ADAPTER_WEIGHTS)
     fusion_file = path / FUSION_WEIGHTS
     if config.fuses and config.fusion == "cross_attention":

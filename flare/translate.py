@@ -173,12 +173,9 @@ class Translator:
     def _fits(self, text: str) -> bool:
         return self._n_tokens(text) <= self.max_length - 2  # NLLB adds the language code and </s>
 
-    def _segments(self, text: str) -> list[str]:
-        """The text, or its sentences when it is longer than max_length tokens."""
-        return self._split(text)[0]
-
     def _split(self, text: str) -> tuple[list[str], int]:
-        """(segments of the text, how many of them are still longer than max_length tokens)."""
+        """(the text, or its sentences when it is longer than max_length tokens; how many of those
+        segments are still longer than max_length)."""
         if self._fits(text):
             return [text], 0
         sentences = [s for s in _SENTENCE_END.split(text) if s] or [text]

@@ -20,6 +20,7 @@ not used (``eval_source="none"``: plain LoRA inference). Rows that lack their En
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 
 from ..data import hub
@@ -54,23 +55,13 @@ def _limit(rows: list[dict], n: int | None) -> list[dict]:
 
 
 def _limit_languages(rows: list[dict], n: int | None) -> list[dict]:
-    """At most n rows taken in turn from each language (in order of first appearance), so a cap on
-    a multilingual training set keeps every language rather than the first ones only."""
+    """At most n rows taken in turn from each language, so a cap on a multilingual training set keeps
+    every language rather than the first ones only (files and hub data list one language after another)."""
     if n is None or len(rows) <= n:
         return rows
-    by_lang: dict[str, list[dict]] = {}
-    for row in rows:
-        by_lang.setdefault(row.get("lang"), []).append(row)
-    picked: list[dict] = []
-    queues = [iter(v) for v in by_lang.values()]
-    while len(picked) < n and queues:
-        for q in list(queues):
-            row = next(q, None)
-            if row is None:
-                queues.remove(q)
-            elif len(picked) < n:
-                picked.append(row)
-    return picked
+    groups = list(_by_lang(rows, ()).values())
+    turns = (g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g))
+    return list(itertools.islice(turns, n))
 
 
 def _hub_rows(cfg: TrainConfig, task: Task, lang: str, split: str, parallel: bool) -> list[dict]:

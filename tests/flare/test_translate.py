@@ -246,7 +246,7 @@ def test_cjk_texts_are_split_at_full_width_stops_and_overlong_segments_are_repor
     mt = CharMT(max_length=10)
     assert mt.translate([zh], "zho_Hans", "eng_Latn") == ["第一句话很长。 第二句话也长！ 第三句话更长？"]
     assert sorted(mt.calls[0]) == sorted(["第一句话很长。", "第二句话也长！", "第三句话更长？"])
-    assert mt._segments("他说：「好。」然后走了。。下一句很长的话") == ["他说：「好。」然后走了。。", "下一句很长的话"]
+    assert mt._split("他说：「好。」然后走了。。下一句很长的话")[0] == ["他说：「好。」然后走了。。", "下一句很长的话"]
     assert mt.truncated_segments == 0 and not caplog.records
     with caplog.at_level("WARNING", logger="flare.translate"):
         mt.translate(["这是一个没有句号的非常长的句子", "短。另一个没有句号的非常长的句子"], "zho_Hans", "eng_Latn")

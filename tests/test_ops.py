@@ -13,6 +13,7 @@ from flare_kernels import FlareLinear4bit, flare_lora_linear, quantize_nf4
 from flare_kernels.ops import backend
 from flare_kernels.ops.custom_ops import flare_lora_fwd
 import cases
+from tolerance import assert_tolerance
 
 # Every backend this machine can run: Triton (compiled or interpreted), native CPU when built, the reference.
 KERNEL_BACKENDS = ["triton", "torch"] + (["cpu"] if backend.native_available() else [])
@@ -144,7 +145,8 @@ def test_zero_rows(name, device):
 @pytest.mark.parametrize("name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("fusion", ["add_relu", "matmul"])
 def test_non_contiguous_inputs(name, fusion, device):
-    """Strided views give exactly what their contiguous copies give."""
+    """Strided views give what their contiguous copies give: bit-equal on the kernels, by the
+    tolerance rule on the reference."""
     w, _, _, a, b = layer_inputs(device)
     x_big = torch.randn(128, 2, 6, device=device)  # x[l] = x_big[:, 0, l] -> strides (1, 12)
     s_big = torch.randn(6, 3, 128, device=device)
@@ -155,7 +157,17 @@ def test_non_contiguous_inputs(name, fusion, device):
     with flare_kernels.use_backend(name):
         y = flare_lora_linear(x, w, a_t, b, 2.0, source=src, fusion=fusion)
         y_ref = flare_lora_linear(x.contiguous(), w, a.contiguous(), b, 2.0, source=src.contiguous(), fusion=fusion)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    if name != "torch":
+        # The kernels read strided rows into the same registers (Triton) or copy them to unit stride
+        # first (native): bit-equal by construction.
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        return
+    # The reference hands strided operands to BLAS, which picks its kernel and summation order by
+    # the strides (1e-6..1e-5 apart on an AVX2 EPYC): the tolerance rule against float64, with the
+    # contiguous run as PyTorch's own error.
+    with flare_kernels.use_backend("torch"):
+        y64 = flare_lora_linear(x.double(), w, a.double(), b.double(), 2.0, source=src.double(), fusion=fusion)
+    assert_tolerance(y, y64, y_ref, "strided y")
 
 
 @pytest.mark.parametrize("name", KERNEL_BACKENDS)

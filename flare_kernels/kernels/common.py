@@ -9,10 +9,13 @@ import triton
 import triton.language as tl
 
 # Fusion ids, in the order of reference.fusion.FUSIONS (per-token ones only reach the kernels).
-FUSION_NONE: tl.constexpr = 0
-FUSION_ADD: tl.constexpr = 1
-FUSION_MUL: tl.constexpr = 2
-FUSION_ADD_RELU: tl.constexpr = 3
+# Written as tl.constexpr(...) objects: compiled Triton rejects a global annotated
+# `NAME: tl.constexpr = 1` inside @jit code ("Cannot access global variable"); the interpreter
+# accepts both, which is how the annotated form once went unnoticed.
+FUSION_NONE = tl.constexpr(0)
+FUSION_ADD = tl.constexpr(1)
+FUSION_MUL = tl.constexpr(2)
+FUSION_ADD_RELU = tl.constexpr(3)
 
 
 @triton.jit

@@ -2,5 +2,9 @@
 
 from .backend import get_backend, last_backend, set_backend, use_backend
 from .functional import flare_lora_linear
+from .plan import AMPERE, HOPPER, CallSpec, Launch, Target, launch_plan
 
-__all__ = ["flare_lora_linear", "get_backend", "last_backend", "set_backend", "use_backend"]
+__all__ = [
+    "AMPERE", "HOPPER", "CallSpec", "Launch", "Target", "flare_lora_linear", "get_backend", "last_backend",
+    "launch_plan", "set_backend", "use_backend",
+]  # fmt: skip

@@ -21,6 +21,7 @@ from .fusion_glue import Grads, LoraCall, rank_r_backward, zero_grads
 from .fusion_glue import fusion_plan as _fusion_plan
 from .fusion_glue import keep_scale as _keep_scale
 from .fusion_glue import sequence_fuse as _sequence_fuse
+from .plan import Launch, Target, submit
 
 
 def _weight_pointers(w: NF4Tensors) -> tuple[torch.Tensor, ...]:
@@ -62,7 +63,11 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _gemm_tiles(rows: int, two_streams: bool) -> Tiles:
+def _target(device: torch.device, target: Target | None) -> Target:
+    return Target.of(device, INTERPRETED) if target is None else target
+
+
+def _gemm_tiles(rows: int, two_streams: bool, target: Target) -> Tiles:
     """Tiles for the two NF4 GEMMs (forward and dX), by rows per stream.
 
     Heuristics for Hopper, to be replaced by the benchmark suite's measurements: small row counts
@@ -70,7 +75,7 @@ def _gemm_tiles(rows: int, two_streams: bool) -> Tiles:
     by tensor-core throughput (128-wide tiles; half the rows per stream when both streams share a
     program, so the two fp32 accumulators fit in registers).
     """
-    if INTERPRETED:
+    if target.interpret:
         return _INTERPRETER_TILES
     if rows <= 16:
         return Tiles(16, 64, 64, 4, 4)
@@ -79,7 +84,7 @@ def _gemm_tiles(rows: int, two_streams: bool) -> Tiles:
     return Tiles(64 if two_streams else 128, 128, 64, 8, 3)
 
 
-def _launch_options(tiles: Tiles) -> dict:
+def _options(tiles: Tiles) -> dict:
     # No fused multiply-add: the nested absmax must be code * scale + offset with two roundings,
     # exactly as bitsandbytes computes it.
     return dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, enable_fp_fusion=False)
@@ -114,6 +119,7 @@ def lora_down(
     masks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     dropout_p: float = 0.0,
     out_scale: float = 1.0,
+    target: Target | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """out_scale * drop(x) a^T for one or two [M, K] streams; ``a`` is [R, K] (any strides), an
     adapter tensor whose dtype sets the products' precision."""
@@ -127,25 +133,23 @@ def lora_down(
     mask0 = _as_u8(masks[0], s0.view(torch.uint8))
     mask1 = _as_u8(masks[1], mask0)
     x1_ = x0 if x1 is None else x1
-    block_m, block_k = (16, 128) if INTERPRETED else (64, 128)
-    grid = (triton.cdiv(m, block_m), 1 if x1 is None else 2)
-    lora_down_kernel[grid](
-        x0, *_strides(x0), x1_, *_strides(x1_),
-        mask0, *_strides(mask0), mask1, *_strides(mask1),
-        a, a.stride(0), a.stride(1),
-        s0, s0 if s1 is None else s1, s0.stride(0),
-        _keep_scale(dropout_p), out_scale, m, k, r,
-        DROPOUT=dropout, LORA_DTYPE=_lora_dtype(a), INTERPRET=INTERPRETED,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(r),
-        num_warps=4,
-    )
+    target = _target(x0.device, target)
+    block_m, block_k = (16, 128) if target.interpret else (64, 128)
+    submit(Launch(
+        lora_down_kernel,
+        (triton.cdiv(m, block_m), 1 if x1 is None else 2),
+        (
+            x0, *_strides(x0), x1_, *_strides(x1_),
+            mask0, *_strides(mask0), mask1, *_strides(mask1),
+            a, a.stride(0), a.stride(1),
+            s0, s0 if s1 is None else s1, s0.stride(0),
+            _keep_scale(dropout_p), out_scale, m, k, r,
+        ),
+        dict(DROPOUT=dropout, LORA_DTYPE=_lora_dtype(a), INTERPRET=target.interpret,
+             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(r)),
+        dict(num_warps=4),
+    ))  # fmt: skip
     return s0, s1
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def lora_reduce(
@@ -157,6 +161,7 @@ def lora_reduce(
     masks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     dropout_p: float = 0.0,
     lora_dtype: torch.dtype = torch.float32,
+    target: Target | None = None,
 ) -> torch.Tensor:
     """sum over rows of l^T drop(x) for one or two streams: [R, C] fp32 (l fp32 [M, R], x [M, C]);
     products in ``lora_dtype`` (the adapter's)."""
@@ -164,11 +169,12 @@ def lora_reduce(
     r = l0.shape[1]
     if m == 0:
         return torch.zeros((r, c), device=x0.device, dtype=torch.float32)
-    block_m, block_c = (16, 32) if INTERPRETED else (64, 128)
+    target = _target(x0.device, target)
+    block_m, block_c = (16, 32) if target.interpret else (64, 128)
     tiles_c = triton.cdiv(c, block_c)
     # Enough row splits to give every SM a few programs; each split writes its own partial sum,
     # so the result does not depend on scheduling (no atomics).
-    splits = max(1, min(triton.cdiv(m, block_m), triton.cdiv(4 * _num_sms(x0.device), tiles_c)))
+    splits = max(1, min(triton.cdiv(m, block_m), triton.cdiv(4 * target.num_sms, tiles_c)))
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, rows_per_split)
     partial = torch.empty((splits, r, c), device=x0.device, dtype=torch.float32)
@@ -177,22 +183,26 @@ def lora_reduce(
     mask1 = _as_u8(masks[1], mask0)
     two = x1 is not None
     x1_, l1_ = (x1, l1) if two else (x0, l0)
-    lora_reduce_kernel[(tiles_c, splits)](
-        l0, l1_, l0.stride(0),
-        x0, *_strides(x0), x1_, *_strides(x1_),
-        mask0, *_strides(mask0), mask1, *_strides(mask1),
-        partial, partial.stride(0), partial.stride(1),
-        _keep_scale(dropout_p), m, c, r, rows_per_split,
-        TWO_STREAMS=two, DROPOUT=dropout, LORA_DTYPE=_TL_DTYPES[lora_dtype], INTERPRET=INTERPRETED,
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=_block_r(r),
-        num_warps=4,
-    )
+    submit(Launch(
+        lora_reduce_kernel,
+        (tiles_c, splits),
+        (
+            l0, l1_, l0.stride(0),
+            x0, *_strides(x0), x1_, *_strides(x1_),
+            mask0, *_strides(mask0), mask1, *_strides(mask1),
+            partial, partial.stride(0), partial.stride(1),
+            _keep_scale(dropout_p), m, c, r, rows_per_split,
+        ),
+        dict(TWO_STREAMS=two, DROPOUT=dropout, LORA_DTYPE=_TL_DTYPES[lora_dtype], INTERPRET=target.interpret,
+             BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=_block_r(r)),
+        dict(num_warps=4),
+    ))  # fmt: skip
     return partial.sum(dim=0)
 
 
 # ------------------------------------------------------------------------------------ forward
 def forward(
-    call: LoraCall, source_out: bool, fuse_down: bool | None = None
+    call: LoraCall, source_out: bool, fuse_down: bool | None = None, *, target: Target | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(y_t [M, N], y_s [M, N] or None, s_t [M, R] fp32, s_s [M, R] fp32 or None).
 
@@ -212,6 +222,7 @@ def forward(
     s_s = torch.empty_like(s_t) if need_src_s else None
     if m == 0:
         return y, y_s, s_t, s_s
+    target = _target(x.device, target)
     per_token = is_per_token(fusion)
     # In the base K loop the down-projection must be as cheap as the base tile's dot: same dtype
     # (an fp32 adapter against 16-bit activations runs its fp32 products in their own pass).
@@ -222,42 +233,49 @@ def forward(
     dropout = dropout_p > 0.0
     z = None
     if not fuse_down:
-        s_t, s_ss = lora_down(x, source if need_src_s else None, lora_A, masks=masks, dropout_p=dropout_p)
+        s_t, s_ss = lora_down(x, source if need_src_s else None, lora_A, masks=masks, dropout_p=dropout_p,
+                              target=target)
         s_s = s_ss if need_src_s else None
         if not per_token:
             z = _sequence_fuse(s_s, s_t, fusion, params, seq_len, fusion_mask)
 
-    tiles = _gemm_tiles(m, two_streams=source_out)
+    tiles = _gemm_tiles(m, two_streams=source_out, target=target)
     mask_t = _as_u8(masks[0], s_t.view(torch.uint8))
     mask_s = _as_u8(masks[1], mask_t)
     xs = x if source is None else (source if source_base is None else source_base)
-    grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
-    flare_fwd_kernel[grid](
-        x, *_strides(x), xs, *_strides(xs),
-        y, *_strides(y), y if y_s is None else y_s, *_strides(y),
-        *_weight_pointers(w), y if bias is None else bias,
-        lora_A, lora_A.stride(0), lora_A.stride(1),
-        lora_B, lora_B.stride(0), lora_B.stride(1),
-        s_t if z is None else z, s_t if s_s is None else s_s, r,
-        mask_t, *_strides(mask_t), mask_s, *_strides(mask_s),
-        _keep_scale(dropout_p), scaling,
-        m, n, k, r,
-        LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
-        BLOCK_ALIGNED=_block_aligned(k, w.blocksize, tiles.block_k),
-        HAS_BIAS=bias is not None, SOURCE_OUT=source_out,
-        LORA=2 if fuse_down else 1, FUSION=FUSIONS.index(fusion) if z is None else 0,
-        NEED_SRC_S=need_src_s and z is None, DROPOUT=dropout and fuse_down,
-        LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=INTERPRETED,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
-        GROUP_M=GROUP_M,
-        **_launch_options(tiles),
-    )
+    submit(Launch(
+        flare_fwd_kernel,
+        (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),),
+        (
+            x, *_strides(x), xs, *_strides(xs),
+            y, *_strides(y), y if y_s is None else y_s, *_strides(y),
+            *_weight_pointers(w), y if bias is None else bias,
+            lora_A, lora_A.stride(0), lora_A.stride(1),
+            lora_B, lora_B.stride(0), lora_B.stride(1),
+            s_t if z is None else z, s_t if s_s is None else s_s, r,
+            mask_t, *_strides(mask_t), mask_s, *_strides(mask_s),
+            _keep_scale(dropout_p), scaling,
+            m, n, k, r,
+        ),
+        dict(
+            LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
+            BLOCK_ALIGNED=_block_aligned(k, w.blocksize, tiles.block_k),
+            HAS_BIAS=bias is not None, SOURCE_OUT=source_out,
+            LORA=2 if fuse_down else 1, FUSION=FUSIONS.index(fusion) if z is None else 0,
+            NEED_SRC_S=need_src_s and z is None, DROPOUT=dropout and fuse_down,
+            LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=target.interpret,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
+            GROUP_M=GROUP_M,
+        ),
+        _options(tiles),
+    ))  # fmt: skip
     return y, y_s, s_t, s_s
 
 
 # ------------------------------------------------------------------------------------ backward
 def backward(
-    call: LoraCall, dy: torch.Tensor, s_t: torch.Tensor, s_s: torch.Tensor | None, needs: tuple[bool, bool, bool, bool]
+    call: LoraCall, dy: torch.Tensor, s_t: torch.Tensor, s_s: torch.Tensor | None, needs: tuple[bool, bool, bool, bool],
+    *, target: Target | None = None,
 ) -> Grads:
     """Gradients for x (target rows), A, B and the fusion parameters; none for source or W."""
     (x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks, seq_len, source_base,
@@ -273,6 +291,7 @@ def backward(
 
     if m == 0:
         return zero_grads(x, lora_A, lora_B, params, needs)
+    target = _target(x.device, target)
     # Per-token phi with dX wanted: dZ = dY B and phi' ride along in the dX kernel's N loop.
     # Otherwise dZ comes from a skinny pass and phi' from torch autograd on the reference phi
     # (sequence-level phi mixes rows, so it needs all of dZ first).
@@ -283,7 +302,7 @@ def backward(
     if fused_dz:
         z = s_t if fusion == "none" else fuse(s_s, s_t, fusion)
     else:
-        dz, _ = lora_down(dy, None, lora_B.t(), out_scale=scaling)  # B^T's dtype sets the precision
+        dz, _ = lora_down(dy, None, lora_B.t(), out_scale=scaling, target=target)  # B^T's dtype: the precision
         g_t, g_s, z, d_params = rank_r_backward(dz, s_s, s_t, fusion, params, seq_len, fusion_mask)
         ds_t.copy_(g_t)
         if need_src_s:
@@ -292,35 +311,40 @@ def backward(
     dx = None
     if need_dx:
         dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
-        tiles = _gemm_tiles(m, two_streams=False)
+        tiles = _gemm_tiles(m, two_streams=False, target=target)
         mask_t = _as_u8(masks[0], ds_t.view(torch.uint8))
         # The dX tile is [BLOCK_M, BLOCK_K]; the N loop steps by BLOCK_N.
-        grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(k, tiles.block_k),)
-        flare_dx_kernel[grid](
-            dy, *_strides(dy), dx, *_strides(dx),
-            *_weight_pointers(w),
-            lora_A, lora_A.stride(0), lora_A.stride(1),
-            lora_B, lora_B.stride(0), lora_B.stride(1),
-            s_t, s_t if s_s is None else s_s, ds_t, ds_t if ds_s is None else ds_s, r,
-            mask_t, *_strides(mask_t),
-            _keep_scale(dropout_p), scaling,
-            m, n, k, r,
-            LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
-            BLOCK_ALIGNED=_block_aligned(k, w.blocksize, tiles.block_k),
-            LORA=2 if fused_dz else 1, FUSION=FUSIONS.index(fusion) if fused_dz else 0,
-            NEED_SRC_S=need_src_s and fused_dz, DROPOUT=dropout,
-            LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=INTERPRETED,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
-            GROUP_M=GROUP_M,
-            **_launch_options(tiles),
-        )
+        submit(Launch(
+            flare_dx_kernel,
+            (triton.cdiv(m, tiles.block_m) * triton.cdiv(k, tiles.block_k),),
+            (
+                dy, *_strides(dy), dx, *_strides(dx),
+                *_weight_pointers(w),
+                lora_A, lora_A.stride(0), lora_A.stride(1),
+                lora_B, lora_B.stride(0), lora_B.stride(1),
+                s_t, s_t if s_s is None else s_s, ds_t, ds_t if ds_s is None else ds_s, r,
+                mask_t, *_strides(mask_t),
+                _keep_scale(dropout_p), scaling,
+                m, n, k, r,
+            ),
+            dict(
+                LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
+                BLOCK_ALIGNED=_block_aligned(k, w.blocksize, tiles.block_k),
+                LORA=2 if fused_dz else 1, FUSION=FUSIONS.index(fusion) if fused_dz else 0,
+                NEED_SRC_S=need_src_s and fused_dz, DROPOUT=dropout,
+                LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=target.interpret,
+                BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
+                GROUP_M=GROUP_M,
+            ),
+            _options(tiles),
+        ))  # fmt: skip
 
     d_a = d_b = None
     if need_da:
         d_a = lora_reduce(
             ds_t, x, ds_s, source if need_src_s else None, masks=masks, dropout_p=dropout_p,
-            lora_dtype=lora_A.dtype,
+            lora_dtype=lora_A.dtype, target=target,
         ).to(lora_A.dtype)
     if need_db:
-        d_b = (lora_reduce(z.float(), dy, lora_dtype=lora_B.dtype).t() * scaling).to(lora_B.dtype)
+        d_b = (lora_reduce(z.float(), dy, lora_dtype=lora_B.dtype, target=target).t() * scaling).to(lora_B.dtype)
     return Grads(dx, d_a, d_b, d_params)

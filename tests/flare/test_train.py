@@ -113,8 +113,15 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     whole = train(short(tmp_path, "whole", **cfg))
     accumulated = train(short(tmp_path, "accum", micro_batch_size=8, **cfg))  # 4 micro-batches of 8 per step
     a, b = adapter_tensors(whole.output_dir), adapter_tensors(accumulated.output_dir)
+    # Summing 4 micro-batch gradients reassociates fp32 sums (BLAS picks its kernel by the batch
+    # shape, and differently on AVX2 and AVX-512 CPUs), and AdamW divides every component by its own
+    # RMS, so a component whose gradient is near zero turns that 1e-7 difference into a visible
+    # change of its own update (seen: 3e-4 relative on one element of 1024 on an AVX2 EPYC). The
+    # claim is about the gradient, so each tensor is compared as a whole, in norm: measured at most
+    # 7e-7 here, while a dropped or repeated micro-batch changes the gradient's direction by percents.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+        rel = (b[k].double() - a[k].double()).norm() / a[k].double().norm()
+        assert rel <= 1e-4, f"{k}: accumulated adapter differs from the full batch's by {rel:.2e} in norm"
     torch.testing.assert_close(
         torch.tensor(accumulated.loss_curve("stage2")), torch.tensor(whole.loss_curve("stage2")), rtol=1e-5, atol=1e-6
     )

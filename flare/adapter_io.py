@@ -55,6 +55,9 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        from .data.files import follow_umask
+
+        follow_umask(tmp)  # safetensors writes 0600 whatever the umask
         os.replace(tmp, path)
     finally:
         if tmp.exists():

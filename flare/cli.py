@@ -7,7 +7,8 @@
 
 Every ``flare train`` option is a ``flare.train.TrainConfig`` field (``--learning-rate`` ->
 ``learning_rate``); ``--config run.json`` reads a JSON file of fields first. Lists are comma-separated.
-Exit codes: 0 done, 2 bad arguments or input, 3 stopped early with a checkpoint (continue with --resume).
+Exit codes: 0 done, 2 bad arguments or input (one line; ``--debug`` shows the traceback), 3 stopped early with
+a checkpoint (continue with --resume).
 """
 
 from __future__ import annotations
@@ -27,24 +28,87 @@ EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 
 _HELP = {
-    "task": "xnli | tydiqa | nusax | toy (the built-in sample)",
+    "task": "the benchmark task (toy: the built-in sample)",
     "model": "hub name or local path of the model (none: the built-in tiny Llama, toy task only)",
-    "family": "decoder | encoder (default: from the model's config)",
-    "quantize": "load the linear layers in 4-bit NF4 (default: decoders yes, encoders no)",
-    "languages": "target languages, comma-separated (default: the task's)",
-    "output_dir": "where checkpoints, adapters and results go",
-    "stages": "stage1,stage2 (stage 1: LoRA on English, merged; stage 2: FLARE on the target languages)",
+    "family": "model family (none: from the model's config)",
+    "quantize": "load the linear layers in 4-bit NF4 (none: decoders yes, encoders no)",
+    "languages": "target languages, comma-separated; each must have rows (none: the task's, toy: qaa,qab)",
+    "output_dir": "where checkpoints, adapters, results, the log and the curves go; must not hold another run",
+    "stages": "comma-separated: stage1 (LoRA on English, merged), stage2 (FLARE on the target languages)",
     "dataset_path": "local copy of the task's hub dataset (or another hub name)",
     "english_path": "local copy of the English counterpart (SQuAD for TyDiQA)",
+    "stage1_file": "English rows for stage 1 (jsonl/json/csv/tsv/parquet) instead of the task's",
+    "train_file": "stage-2 rows (target text + English source_* fields) instead of the task's",
+    "eval_file": "validation rows (model selection) instead of the task's",
+    "test_file": "test rows (the final table) instead of the task's",
+    "train_translations": "translation file (flare translate) attached to the training rows by id",
+    "eval_translations": "translation file attached to the validation rows by id",
+    "test_translations": "translation file attached to the test rows by id",
     "eval_source": "English side of validation/test rows: file (translate-test) | parallel | none",
     "missing_source": "rows without English translation: error | drop (reported either way)",
-    "micro_batch_size": "rows per forward pass per process (default: batch_size / processes)",
+    "max_train_examples": "use at most N training rows per stage, taken in turn from each language (none: all)",
+    "max_eval_examples": "use at most N validation/test rows per language (none: all)",
+    "r": "LoRA rank",
+    "lora_alpha": "LoRA alpha (scaling = alpha / r)",
+    "lora_dropout": "dropout on the LoRA input, in [0, 1)",
+    "fusion": "how the English representation is fused in the rank-r bottleneck (none: plain LoRA)",
+    "fusion_modules": "projections that fuse (comma-separated module names)",
+    "lora_modules": "projections with LoRA: all-linear or comma-separated module names",
+    "source_site": "where the English stream enters: projection_input | residual (the paper's variant)",
+    "modules_to_save": "modules trained in full, comma-separated (none: lm_head / the task head)",
+    "learning_rate": "peak learning rate of stage 2 (and stage 1 unless --stage1-learning-rate)",
+    "stage1_learning_rate": "peak learning rate of stage 1 (none: --learning-rate)",
+    "batch_size": "global batch: micro batch x accumulation steps x processes",
+    "micro_batch_size": "rows per forward pass per process (none: batch_size / processes)",
+    "epochs": "epochs of stage 2 (and stage 1 unless --stage1-epochs); fractions allowed",
+    "stage1_epochs": "epochs of stage 1 (none: --epochs)",
+    "warmup_ratio": "fraction of the steps with linear warmup, in [0, 1)",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm (none: no clipping)",
+    "max_length": "tokens per row (prompt + answer); longer texts are truncated",
+    "seed": "seed of the adapter initialization, the data order and dropout",
+    "optimizer": "auto: 8-bit AdamW on CUDA, AdamW on CPU",
+    "gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
+    "bf16": "bf16 autocast (none: on with CUDA when supported)",
+    "device": "auto: CUDA when available (or the LOCAL_RANK's GPU under torchrun), else CPU",
     "eval_steps": "evaluate every N steps of stage 2 (0: each epoch)",
+    "eval_batch_size": "rows per forward pass when evaluating",
     "checkpoint_steps": "checkpoint every N steps (0: each epoch)",
+    "keep_checkpoints": "checkpoints kept per stage (older ones are deleted)",
+    "resume": "continue the run in --output-dir from its last checkpoint",
+    "overwrite": "replace the run in --output-dir (its files only) instead of refusing",
+    "progress": "progress bars (--no-progress: one line per epoch instead)",
     "stop_after_steps": "leave after N optimizer steps with a checkpoint (resume later with --resume)",
-    "optimizer": "auto (8-bit AdamW on CUDA, AdamW on CPU) | adamw | adamw8bit",
-    "bf16": "bf16 autocast (default: on with CUDA)",
 }
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from flare_kernels import FUSIONS
+
+    from .data.schema import MISSING_POLICIES
+    from .tasks import FAMILIES, TASKS
+    from .train.config import DEVICES, EVAL_SOURCES, OPTIMIZERS, SOURCE_SITES
+
+    return {
+        "task": tuple(TASKS),
+        "family": FAMILIES,
+        "fusion": tuple(FUSIONS),
+        "optimizer": OPTIMIZERS,
+        "device": DEVICES,
+        "eval_source": EVAL_SOURCES,
+        "missing_source": MISSING_POLICIES,
+        "source_site": SOURCE_SITES,
+    }
+
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "none"
+    return str(value)
 
 
 def _unwrap_optional(tp):
@@ -60,13 +124,20 @@ def _parse_list(text: str) -> tuple[str, ...]:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .train.config import TrainConfig
+    from .train.config import BUILTIN, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
+    choices = _choices()
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         tp = _unwrap_optional(hints[field.name])
-        kwargs = {"dest": field.name, "default": argparse.SUPPRESS, "help": _HELP.get(field.name, "")}
+        default = f"default: {_show(field.default)}"
+        if field.name in BUILTIN and BUILTIN[field.name] != field.default and field.name != "model":
+            default += f"; built-in default: {_show(BUILTIN[field.name])}"
+        text = _HELP[field.name] + f" ({default})"
+        kwargs = {"dest": field.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+        if field.name in choices:
+            kwargs["choices"] = choices[field.name]
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif tp is int:
@@ -82,7 +153,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace):
     from .train.config import TrainConfig
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "verbose")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "verbose", "debug")}
     for name in ("languages", "stages", "fusion_modules", "modules_to_save"):
         if name in given:
             given[name] = _parse_list(given[name])
@@ -90,7 +161,13 @@ def _train_config(args: argparse.Namespace):
         given["lora_modules"] = _parse_list(given["lora_modules"])
     values: dict = {}
     if args.config:
-        values.update(json.loads(Path(args.config).read_text()))
+        try:
+            loaded = json.loads(Path(args.config).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config {args.config}: line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {args.config}: expected a JSON object of TrainConfig fields")
+        values.update(loaded)
     values.update(given)
     builtin = values.get("model") is None and values.get("task", "toy") == "toy"
     return TrainConfig.builtin(**values) if builtin else TrainConfig.from_dict(values), builtin
@@ -122,12 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, rank 0 reports
         return 0
     for name, stage in result.stages.items():
-        curve = [h["loss"] for h in stage.history]
-        if curve:
-            print(
-                f"{name}: {stage.steps} steps in {stage.seconds:.1f} s, loss {curve[0]:.4f} -> {curve[-1]:.4f}, "
-                f"{stage.tokens_per_second:,.0f} tokens/s, peak memory {stage.peak_memory_gib:.2f} GiB"
-            )
+        print(stage_summary(name, stage))
     if result.test is not None:
         print()
         print(result.test.table())
@@ -137,13 +209,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
+def stage_summary(name: str, stage) -> str:
+    """One line per stage, counting the work of this process (a resumed run ran only the steps after its
+    checkpoint; a stage finished by an earlier process is said to be so)."""
+    curve = [h["loss"] for h in stage.history]
+    loss = f"loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "no steps"
+    if stage.from_earlier_run:
+        return f"{name}: {_steps(stage.steps)}, finished by an earlier run ({loss})"
+    ran = stage.steps - stage.start_step
+    resumed = f" (resumed at step {stage.start_step}; {_steps(stage.steps)} in all)" if stage.start_step else ""
+    return (
+        f"{name}: {_steps(ran)} in {stage.seconds:.1f} s{resumed}, {loss}, {stage.tokens_per_second:,.0f} tokens/s, "
+        f"peak memory {stage.peak_memory_gib:.2f} GiB"
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, write_result
     from .train.inputs import load_eval_rows
     from .train.loop import autocast_factory
-    from .train.restore import eval_device, load_run_model
+    from .train.restore import eval_device, load_run_model, read_run_config, run_adapter, run_status
+    from .train.runner import check_output_dir
 
-    model, tokenizer, family, cfg, task = load_run_model(args.run_dir, adapter=args.adapter, device=args.device)
+    run_dir = Path(args.run_dir)
+    read_run_config(run_dir)  # not a run: one line, before anything else
+    output = Path(args.output or run_dir / f"eval-{args.split}.json")
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a folder; give a file name")
+    check_output_dir(output.parent, "--output")  # a read-only run fails now, not after scoring everything
+    adapter = Path(args.adapter) if args.adapter else run_adapter(run_dir)
+    unfinished = run_status(run_dir)
+    if unfinished:
+        print(f"flare eval: warning: {unfinished}", file=sys.stderr)
+    model, tokenizer, family, cfg, task = load_run_model(run_dir, adapter=adapter, device=args.device)
     if cfg.model is None:
         import torch
 
@@ -181,8 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=True,
     )
     print(result.table())
-    output = Path(args.output or Path(args.run_dir) / f"eval-{args.split}.json")
-    write_result(result, output, run_dir=str(args.run_dir), adapter=str(args.adapter or ""))
+    write_result(result, output, run_dir=str(run_dir), adapter=str(adapter), finished=not unfinished)
     print(f"wrote {output}")
     return 0
 
@@ -192,7 +293,10 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from .tasks import get_task
     from .translate import Translator, nllb_code, translate_test_rows, translate_to_file, translate_train_rows
 
+    from .train.modeling import check_model_path
+
     task = get_task(args.task)
+    check_model_path(args.model)  # a missing local model fails now, not after reading the rows
     # Language codes first: a bad --lang fails in a moment, not after loading a multi-GB MT model.
     lang_code = nllb_code(args.lang, args.lang_code)
     english = nllb_code("en", args.english_code)
@@ -249,39 +353,95 @@ def _hub_rows_for_translation(task, args) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------- parser
+def _common(parser: argparse.ArgumentParser) -> None:
+    # after the command too (`flare train --debug`); SUPPRESS keeps a value given before the command
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="flare", description="FLARE cross-lingual fine-tuning (QLoRA + language fusion)"
+        prog="flare",
+        description="FLARE cross-lingual fine-tuning (QLoRA + language fusion). Exit codes: 0 done, 2 bad "
+        "arguments or input (one line on stderr; --debug shows the traceback), 3 stopped early with a "
+        "checkpoint (continue with flare train --resume).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,translate}")
 
     p = sub.add_parser(
         "train",
         help="stage 1 + stage 2 training, then the test table (no options: built-in default)",
-        description="Train with FLARE. Without --model this runs the built-in default.",
+        description="Train with FLARE: stage 1 (LoRA on English, merged into the 4-bit base), stage 2 (FLARE "
+        "on the target languages, the English rows as source), then the per-language test table. Without "
+        "--model this runs the built-in default (toy task, tiny random Llama in 4-bit, a few minutes on a CPU). "
+        "The output folder gets run_config.json, the adapters, results.json, train.log and curves.png; it must "
+        "not hold another run (--resume continues one, --overwrite replaces it).",
     )
     p.add_argument("--config", help="JSON file of TrainConfig fields (command-line options override it)")
     _add_train_arguments(p)
+    _common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a trained run: per-language table and JSON")
-    p.add_argument("--run-dir", default="flare-output", help="output directory of flare train (default: flare-output)")
-    p.add_argument("--adapter", help="stage-2 adapter directory (default: the run's best, else last)")
-    p.add_argument("--split", choices=("validation", "test"), default="test")
-    p.add_argument("--languages", help="comma-separated subset of languages")
-    for name in ("test_file", "test_translations", "eval_file", "eval_translations"):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None)
-    p.add_argument("--eval-source", choices=("file", "parallel", "none"), default=None)
-    p.add_argument("--missing-source", choices=("error", "drop"), default=None)
-    p.add_argument("--max-eval-examples", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a trained run: per-language table and JSON",
+        description="Score a run of flare train (its stage-2 adapter over the stage-1-merged base) on the "
+        "validation or test rows: a per-language table on screen, the same as JSON on disk. A run that did not "
+        "finish is scored with a warning. Data options default to the run's own settings.",
+    )
+    p.add_argument("--run-dir", default="flare-output", help="output folder of flare train (default: flare-output)")
+    p.add_argument("--adapter", help="stage-2 adapter folder (default: the run's stage2/best, else stage2/adapter)")
+    p.add_argument("--split", choices=("validation", "test"), default="test", help="rows to score (default: test)")
+    p.add_argument("--languages", help="comma-separated subset of languages (default: the run's)")
+    for name, what in (
+        ("test_file", "test rows file"),
+        ("test_translations", "translation file attached to the test rows by id"),
+        ("eval_file", "validation rows file"),
+        ("eval_translations", "translation file attached to the validation rows by id"),
+    ):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=f"{what} (default: the run's)")
+    p.add_argument(
+        "--eval-source",
+        choices=("file", "parallel", "none"),
+        default=None,
+        help="English side of the rows: file (translations) | parallel | none (default: the run's)",
+    )
+    p.add_argument(
+        "--missing-source",
+        choices=("error", "drop"),
+        default=None,
+        help="rows without English translation (default: the run's)",
+    )
+    p.add_argument(
+        "--max-eval-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N rows per language (default: the run's)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, metavar="N", help="rows per forward pass (default: the run's)"
+    )
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available (default: auto)"
+    )
     p.add_argument("--output", help="JSON path (default: <run-dir>/eval-<split>.json)")
+    _common(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("translate", help="machine-translate rows (translate-test: English source; translate-train)")
-    p.add_argument("--task", required=True, choices=("xnli", "tydiqa", "nusax"))
+    p = sub.add_parser(
+        "translate",
+        help="machine-translate rows (translate-test: English source; translate-train)",
+        description="Machine-translate task rows with an NLLB-200 model. --mode test adds the English "
+        "translation of target-language rows (source_* fields: FLARE's source stream, translate-test); --mode "
+        "train translates English rows into --lang (translate-train; QA answers are carried through). The "
+        "output is jsonl keyed by id, written chunk by chunk (--resume continues an interrupted one).",
+    )
+    p.add_argument("--task", required=True, choices=("xnli", "tydiqa", "nusax"), help="the task whose rows to read")
     p.add_argument(
         "--mode",
         required=True,
@@ -290,21 +450,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lang", required=True, help="the target language (dataset code: sw, ace, ...)")
     p.add_argument("--split", default="test", help="hub split to read (default: test)")
-    p.add_argument("--input", help="rows from a jsonl/csv/parquet file instead of the hub")
-    p.add_argument("--dataset-path", help="local copy of the hub dataset")
+    p.add_argument("--input", help="rows from a jsonl/csv/parquet file instead of the hub (default: the hub)")
+    p.add_argument("--dataset-path", help="local copy of the hub dataset (default: the hub name)")
     p.add_argument("--output", required=True, help="jsonl output (written as <output>.partial until complete)")
-    p.add_argument("--model", default="facebook/nllb-200-3.3B", help="seq2seq MT model (NLLB conventions)")
+    p.add_argument(
+        "--model", default="facebook/nllb-200-3.3B", help="seq2seq MT model (NLLB conventions; default: %(default)s)"
+    )
     p.add_argument("--lang-code", help="NLLB code of --lang (default: from the table in flare.translate)")
     p.add_argument("--english-code", help="NLLB code of English (default: eng_Latn)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=256, help="input tokens per segment (longer texts are split)")
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--chunk-size", type=int, default=256, help="rows per saved chunk")
-    p.add_argument("--limit", type=int, help="first N rows only")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted translation")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="segments per batch (default: 16)")
+    p.add_argument(
+        "--max-length", type=int, default=256, metavar="N", help="input tokens per segment; longer texts are split "
+        "at sentence ends (default: 256)"
+    )  # fmt: skip
+    p.add_argument("--num-beams", type=int, default=1, metavar="N", help="beam search width (default: 1, greedy)")
+    p.add_argument("--chunk-size", type=int, default=256, metavar="N", help="rows per saved chunk (default: 256)")
+    p.add_argument("--limit", type=int, metavar="N", help="first N rows only (default: all)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted translation (default: no)")
+    _common(p)
     p.set_defaults(func=cmd_translate)
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of a user-caused error, on one line, naming the file an OSError is about."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+        if isinstance(exc, PermissionError):
+            text += " (check the path's permissions, or choose another location)"
+    else:
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, KeyError):
+            text = f"missing field {text}"
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,11 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        # Bad arguments, configuration or data: a one-line error, no traceback (-v shows it).
-        if args.verbose:
+    except (ValueError, OSError) as exc:
+        # Bad arguments, configuration or data, or a path that cannot be read or written (FileNotFoundError,
+        # PermissionError, NotADirectoryError...): a one-line error, no traceback (--debug shows it).
+        if args.verbose or args.debug:
             raise
-        print(f"flare {args.command}: error: {exc}", file=sys.stderr)
+        print(f"flare {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -31,6 +31,10 @@ from .train.objective import model_inputs, supports_logits_to_keep
 logger = logging.getLogger(__name__)
 
 
+class EvaluationStopped(Exception):
+    """``should_stop`` turned true between two batches (Ctrl-C during an evaluation that need not finish)."""
+
+
 @torch.no_grad()
 def predict(
     model,
@@ -46,8 +50,10 @@ def predict(
     autocast=None,
     progress: bool = False,
     desc: str = "predict",
+    should_stop=None,
 ) -> list:
-    """Class indices (classification) or answer strings (QA), one per row."""
+    """Class indices (classification) or answer strings (QA), one per row. ``should_stop``: a callable
+    checked before each batch; when true, raises ``EvaluationStopped``."""
     from tqdm.auto import tqdm
 
     examples = prepare(rows, task, tokenizer, family, max_length, with_source=use_source, with_answer=False)
@@ -65,6 +71,8 @@ def predict(
         for start in tqdm(
             range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False, disable=not progress
         ):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped(desc)
             chunk = examples[start : start + batch_size]
             batch = collate(chunk, family, task, pad, with_answer=False)
             inputs = model_inputs(batch, device, use_source)
@@ -174,8 +182,9 @@ def evaluate(
     device: torch.device,
     autocast=None,
     progress: bool = False,
+    should_stop=None,
 ) -> EvalResult:
-    """Scores per language and their unweighted average."""
+    """Scores per language and their unweighted average (``should_stop``: see ``predict``)."""
     if not rows_by_lang:
         raise ValueError(f"no {split} rows to evaluate")
     per_language = {}
@@ -193,6 +202,7 @@ def evaluate(
             autocast=autocast,
             progress=progress,
             desc=f"{split} {lang}",
+            should_stop=should_stop,
         )
         per_language[lang] = {**score(task, rows, preds), "n": len(rows)}
     metrics = [m for m in next(iter(per_language.values())) if m != "n"]

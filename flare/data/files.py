@@ -32,6 +32,14 @@ def file_format(path: str | os.PathLike) -> str:
     return FORMATS[suffix]
 
 
+def _json_reason(exc: json.JSONDecodeError) -> str:
+    # json's messages end in " at" where its str() appends the position ("Invalid control character at")
+    reason = exc.msg.removesuffix(" at")
+    if exc.pos < len(exc.doc) and not exc.doc[exc.pos].isprintable():
+        reason += f" {exc.doc[exc.pos]!r}"
+    return reason
+
+
 def read_table(path: str | os.PathLike) -> list[dict]:
     """All records of a jsonl / json / csv / tsv / parquet file, as dicts."""
     path = Path(path)
@@ -49,10 +57,19 @@ def read_table(path: str | os.PathLike) -> list[dict]:
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+                        raise ValueError(
+                            f"{path}:{n}:{exc.colno}: not valid JSON: {_json_reason(exc)} at line {n}, column "
+                            f"{exc.colno}; each line must hold one JSON object"
+                        ) from None
         return records
     if fmt == "json":
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {_json_reason(exc)} at line {exc.lineno}, column "
+                f"{exc.colno}"
+            ) from None
         if isinstance(data, dict) and "data" in data:
             data = data["data"]
         if not isinstance(data, list):
@@ -115,13 +132,16 @@ def read_rows(
             record["id"] = str(i)
         if record.get("lang") is None:
             if lang is None:
-                raise ValueError(f"{path}: row {i} has no 'lang' column; pass lang=")
+                raise ValueError(
+                    f"{path}: row {i} (id {record['id']!r}) has no 'lang' field: add a 'lang' column (or jsonl key) "
+                    "giving each row's language code, e.g. \"sw\", the code --languages selects"
+                )
             record["lang"] = lang
         if kind == "classification" and isinstance(record.get("label"), str) and label_names is not None:
             if record["label"] in label_names:
                 record["label"] = list(label_names).index(record["label"])
         rows.append(_coerce(record, kind))
-    return validate_rows(rows, kind, name=str(path))
+    return validate_rows(rows, kind, name=str(path), label_names=label_names)
 
 
 def read_translations(path: str | os.PathLike) -> dict[str, dict]:
@@ -156,12 +176,30 @@ def attach_translations(
 
 
 # ----------------------------------------------------------------------------------------- writing
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file under this process's umask (0o644 under 022)."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or every file under a folder) the umask's mode. ``tempfile.mkstemp`` and
+    safetensors create files 0600 whatever the umask, so results and adapters were private to their
+    owner where every other file of a run (and a plain ``open``) follows the umask."""
+    path = Path(path)
+    mode = file_mode()
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(f, mode)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file so readers see the old or the new content, never a partial one (temp + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -159,7 +159,7 @@ def load_xnli(lang: str, split: str, *, path: str = XNLI_HUB, source: str | None
             r["source_text"], r["source_text_pair"] = e["premise"], e["hypothesis"]
     elif source is not None:
         raise ValueError(f"source must be None or 'parallel', got {source!r}")
-    return validate_rows(rows, "classification", name=f"xnli/{lang}/{split}")
+    return validate_rows(rows, "classification", name=f"xnli/{lang}/{split}", empty="warn")
 
 
 # ----------------------------------------------------------------------------------------- QA
@@ -181,7 +181,7 @@ def _qa_rows(ds, lang: str, where: str, keep=None) -> list[dict]:
                 "source_answers": None,
             }
         )
-    return validate_rows(rows, "qa", name=where)
+    return validate_rows(rows, "qa", name=where, empty="warn")
 
 
 def load_tydiqa(lang: str, split: str, *, path: str = TYDIQA_HUB, name: str = TYDIQA_CONFIG) -> list[dict]:
@@ -253,4 +253,4 @@ def load_nusax(
             r["source_text"] = english.get(r["id"])
     elif source is not None:
         raise ValueError(f"source must be None or 'parallel', got {source!r}")
-    return validate_rows(rows, "classification", name=f"nusax/{lang}/{split}")
+    return validate_rows(rows, "classification", name=f"nusax/{lang}/{split}", empty="warn")

@@ -112,11 +112,33 @@ def require_sources(
     return kept, report
 
 
-def validate_rows(rows: Iterable[dict], kind: str, *, name: str) -> list[dict]:
-    """Check the fields a task needs are present and well-typed; raise ValueError naming the row."""
+def _label_help(label_names: Sequence[str] | None, num_labels: int) -> str:
+    if label_names:
+        return ", ".join(f"{i} = {name}" for i, name in enumerate(label_names))
+    return f"0..{num_labels - 1}"
+
+
+def validate_rows(
+    rows: Iterable[dict],
+    kind: str,
+    *,
+    name: str,
+    num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+    empty: str = "error",
+) -> list[dict]:
+    """Check the fields a task needs are present and well-typed; raise ValueError naming the row.
+
+    ``num_labels`` (or ``label_names``): class labels must lie in 0..num_labels-1, checked here so a bad
+    label fails before any training rather than as an IndexError in stage 2 (or a silently wrong score).
+    Empty target texts are refused with the ids of every such row (``empty="warn"``: kept, and the same
+    message logged: hub datasets, which a user cannot edit)."""
     check_kind(kind)
+    if num_labels is None and label_names:
+        num_labels = len(label_names)
     out = []
     seen: set[str] = set()
+    blank: list[str] = []
     for i, row in enumerate(rows):
         rid = row.get("id")
         where = f"{name} row {i} (id {rid!r})"
@@ -130,7 +152,15 @@ def validate_rows(rows: Iterable[dict], kind: str, *, name: str) -> list[dict]:
                 raise ValueError(f"{where}: 'text' must be a string, got {type(row.get('text')).__name__}")
             label = row.get("label")
             if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-                raise ValueError(f"{where}: 'label' must be a non-negative int class index, got {label!r}")
+                valid = f": one of {_label_help(label_names, num_labels)}" if num_labels else ""
+                raise ValueError(f"{where}: 'label' must be a non-negative int class index{valid}, got {label!r}")
+            if num_labels is not None and label >= num_labels:
+                raise ValueError(
+                    f"{where}: label {label} is outside the task's {num_labels} classes "
+                    f"({_label_help(label_names, num_labels)}); fix the row or choose the task it belongs to"
+                )
+            if not row["text"].strip():
+                blank.append(str(rid))
         else:
             for f in ("question", "context"):
                 if not isinstance(row.get(f), str):
@@ -140,5 +170,15 @@ def validate_rows(rows: Iterable[dict], kind: str, *, name: str) -> list[dict]:
                 raise ValueError(
                     f"{where}: 'answers' must be {{'text': [...], 'answer_start': [...]}} of equal lengths"
                 )
+            if not row["question"].strip() or not row["context"].strip():
+                blank.append(str(rid))
         out.append(row)
+    if blank:
+        fields = "'text'" if kind == "classification" else "'question' or 'context'"
+        more = f" and {len(blank) - _SHOWN_IDS} more" if len(blank) > _SHOWN_IDS else ""
+        shown = ", ".join(blank[:_SHOWN_IDS]) + more
+        message = f"{name}: {len(blank)} of {len(out)} rows have an empty {fields} (ids: {shown})"
+        if empty != "warn":
+            raise ValueError(f"{message}; fill them in or remove those rows")
+        logger.warning(message)
     return out

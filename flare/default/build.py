@@ -80,6 +80,9 @@ def save_tiny_llama(path: str | os.PathLike, tokenizer, *, seed: int = 0) -> Pat
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    from ..data.files import follow_umask
+
+    follow_umask(tmp)  # safetensors writes 0600 whatever the umask
     os.replace(tmp, path)  # complete or absent, never half written
     return path
 

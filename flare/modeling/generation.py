@@ -141,6 +141,8 @@ def generate(
         pad_token_id = eos[0] if pad_token_id is None and eos else (0 if pad_token_id is None else pad_token_id)
     accepts = inspect.signature(model.forward).parameters
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+    # transformers >= 5.2x names the KV cache `cache` and warns on `past_key_values` (removed in 5.40)
+    cache_arg = "cache" if "cache" in accepts else "past_key_values"
 
     b = input_ids.shape[0]
     tgt, tgt_mask = input_ids, attention_mask
@@ -156,7 +158,7 @@ def generate(
             step_t, step_s, cache = tgt, src, None
         call = dict(input_ids=step_t, attention_mask=tgt_mask, use_cache=use_cache, **keep_last)
         if cache is not None:
-            call["past_key_values"] = cache
+            call[cache_arg] = cache
         if two_streams:
             streams.source_input_ids = step_s
             streams.source_attention_mask = src_mask
@@ -165,7 +167,7 @@ def generate(
                 out = model(**call)
         else:
             out = model(**call)
-        cache = out.past_key_values if use_cache else None
+        cache = out.get("cache", out.get("past_key_values")) if use_cache else None
         if use_cache and cache is None:
             raise RuntimeError(f"{type(model).__name__} returned no KV cache; pass use_cache=False")
         last = out.logits[:, -1].float()  # [2B or B, V]

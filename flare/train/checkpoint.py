@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data.files import atomic_write_text
+from ..data.files import atomic_write_text, follow_umask
 
 _PREFIX = "step-"
 
@@ -124,6 +124,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, dist, 
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": dist.world, **state}, indent=1))
+        follow_umask(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -168,9 +169,10 @@ def recover_adapter(path: Path) -> None:
         _fsync_dir(path.parent)
 
 
-def save_adapter(model, path: Path) -> Path:
+def save_adapter(model, path: Path, readme: str | None = None) -> Path:
     """The adapter in PEFT's layout (``model.save_pretrained``) plus ``trainable.safetensors`` (every
-    trainable tensor by parameter name, for an exact in-place restore), replacing ``path`` atomically."""
+    trainable tensor by parameter name, for an exact in-place restore), replacing ``path`` atomically.
+    ``readme``: the text of a README.md beside them (how to load the adapter)."""
     path = Path(path)
     tmp, old = _swap_names(path)
     recover_adapter(path)  # else the cleanup below would delete the only copy of the previous adapter
@@ -179,6 +181,9 @@ def save_adapter(model, path: Path) -> Path:
             shutil.rmtree(p)
     model.save_pretrained(str(tmp))
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    if readme:
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
+    follow_umask(tmp)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)

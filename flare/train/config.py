@@ -222,7 +222,10 @@ class TrainConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a value of the wrong type (e.g. "epochs": "3" in a --config file)
+            raise ValueError(f"TrainConfig: a value has the wrong type ({exc}); check the --config file") from None
 
     def differences(self, other: "TrainConfig") -> dict[str, tuple]:
         """Fields (other than those a resumption may change) whose values differ."""
@@ -257,5 +260,4 @@ BUILTIN: dict[str, Any] = dict(
     eval_steps=0,
     checkpoint_steps=0,
     output_dir="flare-output",
-    overwrite=True,  # a demo: running it again replaces the previous demo run (unless --resume)
-)
+)  # no overwrite here: like every run, the built-in default refuses an output_dir holding a run (--overwrite)

@@ -101,9 +101,8 @@ def _split_rows(
 ) -> list[dict]:
     if file:
         rows = read_rows(file, task.kind, label_names=task.labels or None)
-        rows = [r for r in rows if r["lang"] in languages]
     elif task.name == "toy":
-        rows = [r for r in load_sample(split) if r["lang"] in languages]
+        rows = load_sample(split)
     elif task.name == "tydiqa" and split == "train":
         raise ValueError(
             "TyDiQA has no target-language training set: translate SQuAD into each language first "
@@ -112,8 +111,41 @@ def _split_rows(
     else:
         hub_split = {"test": "validation"} if task.name == "tydiqa" else {}
         rows = [r for lang in languages for r in _hub_rows(cfg, task, lang, hub_split.get(split, split), parallel)]
-    if translations:
-        rows, _ = attach_translations(rows, read_translations(translations), task.kind, name=split)
+    if translations:  # attached before the language filter: the file may cover languages not selected here
+        rows = _attach(rows, translations, task, split)
+    found = {r["lang"] for r in rows}
+    rows = [r for r in rows if r["lang"] in languages]
+    if cfg.languages:  # languages named by the user must all have rows (a typo must not vanish silently)
+        absent = [lang for lang in cfg.languages if lang not in found]
+        if absent:
+            hub_name = cfg.dataset_path or f"the {task.name} data"
+            where = file or ("the built-in sample" if task.name == "toy" else hub_name)
+            raise ValueError(
+                f"--languages: no {split} rows for {', '.join(map(repr, absent))} in {where}; languages found there: "
+                f"{', '.join(sorted(found)) or 'none'}"
+            )
+    return rows
+
+
+def _attach(rows: list[dict], translations: str, task: Task, split: str) -> list[dict]:
+    """Rows with their English from a translation file, refusing a file whose ids match none of the rows."""
+    by_id = read_translations(translations)
+    row_ids = {str(r["id"]) for r in rows}
+    matched = row_ids & set(by_id)
+    if by_id and rows and not matched:
+        raise ValueError(
+            f"{translations}: none of its {len(by_id)} ids matches one of the {len(rows)} {split} rows "
+            f"(its ids: {', '.join(list(by_id)[:3])}, ...; the rows': {', '.join(sorted(row_ids)[:3])}, ...); "
+            "translations attach to rows by id: was it made from this split's rows?"
+        )
+    unmatched = len(by_id) - len(matched)
+    if unmatched:
+        example = next(i for i in by_id if i not in row_ids)
+        logger.warning(
+            "%s: %d of its %d ids match no %s row (e.g. %r); those translations are not used",
+            translations, unmatched, len(by_id), split, example,
+        )  # fmt: skip
+    rows, _ = attach_translations(rows, by_id, task.kind, name=split)
     return rows
 
 

@@ -23,6 +23,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_c
 from .distributed import Dist, no_sync, unwrap, wrap
 from .objective import loss_sum, supports_logits_to_keep
 from .progress import Progress, StopFlag, memory_gib
+from .report import run_log
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,11 @@ logger = logging.getLogger(__name__)
 class TrainingStopped(Exception):
     """The run left early (stop_after_steps, SIGINT/SIGTERM) after writing a checkpoint."""
 
-    def __init__(self, stage: str, step: int, checkpoint: Path, reason: str) -> None:
+    def __init__(self, stage: str, step: int, checkpoint: Path, reason: str, message: str | None = None) -> None:
         self.stage, self.step, self.checkpoint, self.reason = stage, step, checkpoint, reason
-        super().__init__(f"{reason}: stopped {stage} at step {step}; checkpoint {checkpoint}. Continue with --resume")
+        super().__init__(
+            message or f"{reason}: stopped {stage} at step {step}; checkpoint {checkpoint}. Continue with --resume"
+        )
 
 
 @dataclasses.dataclass
@@ -45,6 +48,7 @@ class StageSpec:
     epochs: float
     directory: Path  # <output_dir>/<stage>
     evaluate: Callable[[torch.nn.Module], tuple[float, dict]] | None = None  # -> (score, details)
+    readme: str | None = None  # README.md of the adapters this stage saves (best/)
 
 
 @dataclasses.dataclass
@@ -55,8 +59,10 @@ class StageResult:
     best_step: int | None
     best_score: float | None
     seconds: float
-    tokens_per_second: float
+    tokens_per_second: float  # of this process's steps
     peak_memory_gib: float
+    start_step: int = 0  # the step this process resumed at: it ran steps - start_step of them, in `seconds`
+    from_earlier_run: bool = False  # read back from done.json: an earlier process ran all of it
 
 
 @dataclasses.dataclass
@@ -148,6 +154,8 @@ def run_stage(
         step, history, evals = state["step"], state["history"], state["evals"]
         best = state["best"]
         logger.info("%s: resumed from %s (step %d of %d)", spec.name, ckpt, step, total)
+        run_log.info("%s: resumed from %s (step %d of %d)", spec.name, ckpt, step, total)
+    start_step = step
 
     def state_dict() -> dict:
         return {"history": history, "evals": evals, "best": best, "total_steps": total}
@@ -155,7 +163,14 @@ def run_stage(
     def checkpoint() -> Path:
         return save_checkpoint(ckpt_root, step, model, optimizer, state_dict(), dist, cfg.keep_checkpoints)
 
-    progress = Progress(total, step, spec.name, device, enabled=cfg.progress and dist.is_main)
+    progress = Progress(
+        total, step, spec.name, device, enabled=cfg.progress and dist.is_main, quiet=not cfg.progress and dist.is_main
+    )
+    progress.note(
+        f"{spec.name}: {total} steps ({per_epoch} per epoch, {spec.epochs:g} epochs) over {len(spec.examples)} rows, "
+        f"batch {cfg.batch_size} = {micro} x {accumulation} accumulation x {dist.world} processes, peak lr "
+        f"{spec.learning_rate:g}, {warmup} warmup steps" + (f"; resuming at step {step}" if step else "")
+    )
     t0 = time.perf_counter()
     module.train()
     try:
@@ -202,6 +217,11 @@ def run_stage(
                 progress.update(mean_loss, int(dist.sum(torch.tensor(tokens, device=device))), lr)
 
                 end_of_epoch = step % per_epoch == 0
+                if end_of_epoch or step == total:
+                    progress.note(
+                        f"{spec.name} epoch {step / per_epoch:g}: step {step}/{total}, loss {mean_loss:.4f}, "
+                        f"{progress.tokens_per_second:,.0f} tokens/s, lr {lr:.2e}"
+                    )
                 if spec.evaluate is not None and (
                     (cfg.eval_steps and step % cfg.eval_steps == 0)
                     or (not cfg.eval_steps and end_of_epoch)
@@ -232,6 +252,7 @@ def run_stage(
         seconds=seconds,
         tokens_per_second=progress.tokens_per_second,
         peak_memory_gib=memory_gib(device),
+        start_step=start_step,
     )
 
 
@@ -245,9 +266,13 @@ def _evaluate(module, spec: StageSpec, step: int, evals: list, best: dict, progr
             score, details = spec.evaluate(model)
         model.train()
         record = {"step": step, "score": score, "details": details}
-        progress.write(f"{spec.name} step {step}: validation {score:.2f}")
-        if best["score"] is None or score > best["score"]:
-            save_adapter(model, spec.directory / "best")
+        metric = details.get("primary", "score") if isinstance(details, dict) else "score"
+        improved = best["score"] is None or score > best["score"]
+        progress.write(
+            f"{spec.name} step {step}: validation {metric} {score:.2f}" + (" (best so far)" if improved else "")
+        )
+        if improved:
+            save_adapter(model, spec.directory / "best", spec.readme)
     # Every rank keeps the same bookkeeping: the StageResult (best_step, evals) decides which adapter each
     # rank restores and returns. The broadcast also waits for rank 0's evaluation and best/ adapter.
     record = dist.broadcast(record)

@@ -55,22 +55,68 @@ def load_tokenizer(path: str, family: str):
     return tok
 
 
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local folder rather than a hub id ("org/name": one slash, no leading dot)."""
+    if path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1 or "\\" in path:
+        return True
+    return Path(path).exists()
+
+
+def check_model_path(path: str, option: str = "--model") -> None:
+    """A local model path that does not exist fails here, in one line (transformers would raise an OSError
+    about a hub repository id after seconds of retries)."""
+    if looks_local(path) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"{option} {path}: model path not found; pass an existing model folder or a hub name")
+
+
+def check_model_files(path: str, option: str = "--model") -> None:
+    """Read the header of every weight file of a local model folder, so a truncated or corrupted
+    ``*.safetensors`` fails in one line naming the file, before the run writes anything."""
+    check_model_path(path, option)
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError is not an OSError and names no file
+            raise ValueError(
+                f"{file}: not a readable safetensors file ({exc}); it is truncated or corrupted: download or "
+                "save the model again"
+            ) from None
+
+
+def model_config(path: str, option: str = "--model"):
+    """``AutoConfig.from_pretrained(path)`` with a one-line error naming the option."""
+    from transformers import AutoConfig
+
+    check_model_path(path, option)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{option} {path}: cannot load the model's config.json ({first}); pass a model folder or a hub name"
+        ) from None
+
+
 def detect_family(path: str, family: str | None) -> str:
     if family is not None:
         return family
-    from transformers import AutoConfig
-
-    return model_family(AutoConfig.from_pretrained(path))
+    return model_family(model_config(path))
 
 
 def check_max_length(path: str | None, max_length: int) -> None:
     """Refuse a --max-length beyond the model's positions before training starts (the model would raise at
     the first long batch otherwise). path None: the built-in tiny Llama."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import LlamaConfig
 
     from ..default.build import TINY_LLAMA
 
-    config = LlamaConfig(**TINY_LLAMA) if path is None else AutoConfig.from_pretrained(path)
+    config = LlamaConfig(**TINY_LLAMA) if path is None else model_config(path)
     limit = getattr(config, "max_position_embeddings", None)
     if limit and config.model_type in ("roberta", "xlm-roberta", "camembert"):
         limit -= config.pad_token_id + 1  # RoBERTa-style position ids start after the padding index
@@ -96,7 +142,14 @@ def load_base_model(path: str, task: Task, family: str, *, quantize: bool | None
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
         )
-    model = cls.from_pretrained(path, **kwargs)
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        # SafetensorError (a truncated weight file) names no file; OSError for missing weights is long
+        if type(exc).__name__ != "SafetensorError" and not isinstance(exc, OSError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: cannot load the model's weights ({first}); save or download it again") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
     return model

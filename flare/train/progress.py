@@ -15,6 +15,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .report import run_log
+
 
 def memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
@@ -26,8 +28,11 @@ def memory_gib(device: torch.device) -> float:
 class Progress:
     """tqdm over optimizer steps; ``update`` takes the step's loss and token count."""
 
-    def __init__(self, total: int, initial: int, desc: str, device: torch.device, enabled: bool) -> None:
-        self.device = device
+    def __init__(
+        self, total: int, initial: int, desc: str, device: torch.device, enabled: bool, quiet: bool = False
+    ) -> None:
+        """enabled: show the bar; quiet: no bar, but ``note`` lines on stderr (signs of life per epoch)."""
+        self.device, self.quiet = device, quiet
         self.bar = tqdm(
             total=total,
             initial=initial,
@@ -53,7 +58,15 @@ class Progress:
         self.bar.update(1)
 
     def write(self, text: str) -> None:
+        """A line on screen (above the bar) and in the run's log file."""
         self.bar.write(text, file=sys.stderr)
+        run_log.info(text)
+
+    def note(self, text: str) -> None:
+        """A line in the log file, and on screen when there is no bar to show the same (--no-progress)."""
+        if self.quiet:
+            print(text, file=sys.stderr, flush=True)
+        run_log.info(text)
 
     @property
     def tokens_per_second(self) -> float:
@@ -83,6 +96,12 @@ class StopFlag:
                 raise KeyboardInterrupt
             self.requested = True
             self.reason = signal.Signals(signum).name
+            print(
+                f"\nflare: {self.reason} received: stopping at the next step boundary, with a checkpoint "
+                "(in the final test evaluation: now); Ctrl-C again to stop at once",
+                file=sys.stderr,
+                flush=True,
+            )
 
         for sig in previous:
             signal.signal(sig, handler)

@@ -7,6 +7,7 @@ state dicts carry over; ``fusion_module.{q,k,v}`` holds the cross-attention fusi
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ class LoraAdapter(nn.Module):
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        # as FlareConfig and the CLI refuse it: a negative or zero alpha flips or silences the adapter
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
         self.in_features, self.out_features = in_features, out_features
         self.r = r
         self.lora_alpha = lora_alpha

@@ -29,7 +29,7 @@ SHORT = [
     "argv, message",
     [
         (["train", "--lora-dropout", "2"], "lora_dropout (--lora-dropout) must be in [0, 1)"),
-        (["train", "--fusion", "concat"], "unknown fusion 'concat'"),
+        (["train", "--fusion-modules", "q_proj", "--fusion", "none", "--r", "0"], "TrainConfig.r (--r)"),
         (["train", "--task", "xnli"], "needs --model"),
         (["train", "--stages", "stage2,stage3"], "--stages"),
         (["train", "--batch-size", "32", "--micro-batch-size", "5"], "not a multiple"),
@@ -37,7 +37,7 @@ SHORT = [
         (["train", "--config", "{cfg}"], "unknown TrainConfig fields ['learning_rat']"),
         (["eval", "--run-dir", "/nonexistent/run"], "run_config.json not found"),
     ],
-    ids=["dropout", "fusion", "model", "stages", "micro-batch", "train-file", "config-file", "eval-run-dir"],
+    ids=["dropout", "rank", "model", "stages", "micro-batch", "train-file", "config-file", "eval-run-dir"],
 )
 def test_bad_arguments_exit_2_with_a_one_line_message(tmp_path, capsys, argv, message):
     cfg = tmp_path / "cfg.json"
@@ -65,13 +65,14 @@ def test_builtin_default_via_cli_stop_and_resume(tmp_path, capsys):
     assert "stopped stage2 at step 1" in capsys.readouterr().err  # stage 1 has 2 steps
     assert main(["train", "--output-dir", out, "--resume", *SHORT]) == 0
     text = capsys.readouterr().out
-    assert "stage1: 2 steps" in text and "stage2: 2 steps" in text  # 64 rows // 32, both stages
+    assert "stage1: 2 steps, finished by an earlier run" in text  # 64 rows // 32, both stages
+    assert "stage2: 1 step in" in text and "(resumed at step 1; 2 steps in all)" in text
     assert "toy / test" in text and "avg" in text and "results:" in text
     summary = json.loads((Path(out) / "results.json").read_text())
     assert len(summary["stages"]["stage1"]["loss_curve"]) == 2
-    # the finished run again without --overwrite: the demo replaces itself (built-in sets overwrite)
-    assert main(["train", "--output-dir", out, *SHORT]) == 0
-    capsys.readouterr()
+    # the finished run again without --overwrite: refused like every other run, the run kept
+    assert main(["train", "--output-dir", out, *SHORT]) == EXIT_BAD_INPUT
+    assert "already holds files" in capsys.readouterr().err and (Path(out) / "results.json").is_file()
 
 
 def test_sigint_checkpoints_at_the_step_boundary_and_resume_finishes(tmp_path, monkeypatch, capsys):

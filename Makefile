@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup run demo test bench clean
+.PHONY: setup run demo test bench gpu-check gpu-check-dry-run clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# The one-call GPU check (benchmarks/README.md, "One-call GPU check"): on a CUDA machine, < 8 min.
+# Here, without a GPU: the dry run (every phase planned, the folder written under results/tmp/).
+gpu-check: setup
+	$(BIN)/python -m benchmarks.gpu_check run
+
+gpu-check-dry-run: setup
+	$(BIN)/python -m benchmarks.gpu_check run --dry-run
 
 clean:
 	rm -rf $(VENV) build *.egg-info flare_kernels/_C*.so

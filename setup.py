@@ -107,9 +107,14 @@ TRAIN = [
     "bitsandbytes>=0.45",
     "safetensors>=0.4",
     "tqdm>=4.60",
+    "matplotlib>=3.7",  # the run's curves.png (skipped with a log line where it is missing)
 ]
 TEST = ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"]
 BENCH = ["matplotlib>=3.7", "pandas>=2.0"]
+# Anchors of the static cost report (python -m benchmarks.static): a pure-Python wheel whose kernel
+# files are loaded by path there, never imported (``import gemlite`` needs CUDA); without it the
+# report skips those anchors. Pinned below 0.7: the shim fills 0.6's kernel parameters by name.
+STATIC = ["gemlite>=0.6,<0.7"]
 
 setup(
     name="flare-kernels",
@@ -125,7 +130,7 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
         "numpy>=1.24",
     ],
-    extras_require={"train": TRAIN, "test": TEST + TRAIN, "bench": BENCH + TRAIN, "all": TEST + TRAIN + BENCH},
+    extras_require={"train": TRAIN, "test": TEST + TRAIN, "bench": BENCH + TRAIN, "all": TEST + TRAIN + BENCH + STATIC},
     entry_points={"console_scripts": ["flare=flare.cli:main"]},
     ext_modules=[CMakeExtension("flare_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},

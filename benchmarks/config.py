@@ -133,6 +133,20 @@ PRESETS: dict[str, Preset] = {
         provider_tokens={"reference_compiled": (16, 4096)},
         e2e="gpu",
     ),
+    # The benchmark part of the one-call GPU check (benchmarks/gpu_check.py: about 2 of its 8
+    # minutes): the q and gate/up weights at decode, prefill and training row counts, the
+    # providers a user compares (ours, bitsandbytes + PEFT, the unsloth style, bitsandbytes'
+    # gemm_4bit, the bare bf16 GEMM); the reference, torch.compile and the down-projection
+    # variants are left to the ``gpu`` preset.
+    "gpu-check": Preset(
+        "gpu-check",
+        shapes=("llama3.1-8b.q", "llama3.1-8b.gate_up"),
+        ranks=(16,),
+        tokens=(1, 16, 512, 4096),
+        provider_modes={p: () for p in ("reference", "reference_compiled", "dense_bf16",
+                                        "ours_bf16_fused_down", "ours_bf16_split_down")},  # fmt: skip
+        e2e="gpu",
+    ),
     # The whole grid of issue 4 (several GPU commands: resumable with --resume).
     "full": Preset("full", shapes=tuple(SHAPES), ranks=RANKS, tokens=TOKENS, e2e="gpu"),
     # Seconds: a toy q-shaped weight, to check the harness end to end (tests, --preset smoke).

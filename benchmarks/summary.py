@@ -4,7 +4,9 @@
     python -m benchmarks.summary --print    # print the table instead
 
 Every figure names its source: the device folder's results.csv, the metric, the filters (shape,
-r) and the commit and command of the run that measured it. GPU folders come first.
+r) and the commit and command of the run that measured it. GPU folders come first. The static
+cost report's folders (``static-sm<arch>-triton<version>``, ``python -m benchmarks.static``) get
+their own block after the measured ones, labelled as predicted.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from .env import REPO, RESULTS
 from .results import CSV_NAME, ENV_NAME, read
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+STATIC_PREFIX = "static-"
 README = REPO / "README.md"
 
 
-def result_dirs(root: Path = RESULTS) -> list[Path]:
-    """Folders holding a results.csv of this suite's schema (GPU devices first)."""
+def result_dirs(root: Path = RESULTS, static: bool = False) -> list[Path]:
+    """Folders holding a results.csv of this suite's schema (GPU devices first); ``static``: the
+    static cost report's folders instead of the measured ones."""
     found = []
     for csv_path in sorted(root.glob(f"*/{CSV_NAME}")):
+        if csv_path.parent.name.startswith(STATIC_PREFIX) != static:
+            continue
         try:
             read(csv_path)
         except (ValueError, OSError):
@@ -160,6 +166,101 @@ def device_section(d: Path) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------ static report
+STATIC_CASES = (("flare_add_relu", "fwd", 1), ("flare_add_relu", "fwd", 16), ("flare_add_relu", "fwd", 4096),
+                ("flare_add_relu", "bwd", 4096), ("lora", "fwd", 1), ("lora", "fwd", 16), ("lora", "fwd", 4096),
+                ("lora", "bwd", 4096))  # fmt: skip
+STATIC_ANCHORS = (("w4a16_gemm", "gemlite", 1), ("w4a16_gemm", "gemlite", 16), ("w4a16_gemm", "gemlite", 4096),
+                  ("nf4_dequant", "bnb_dequant", 0), ("nf4_dequant", "bnb_dequant_code", 0))  # fmt: skip
+
+
+def _num(x, fmt: str = "{:.0f}") -> str:
+    import math
+
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def _bound(get) -> str:
+    shares = {k: get(f"bound_{k}_h200") for k in ("hbm", "tensor", "issue")}
+    shares = {k: v for k, v in shares.items() if v is not None}
+    if not shares:
+        return ""
+    top = max(shares, key=shares.get)
+    return top if shares[top] > 0.995 else f"{top} ({shares[top]:.0%})"
+
+
+def static_section(d: Path) -> list[str]:
+    """The static report of one folder: ours beside the anchors, predicted times (not measured)."""
+    from .plots import load
+
+    df = load(d)
+    env = json.loads((d / ENV_NAME).read_text()) if (d / ENV_NAME).exists() else {}
+    shapes = list(dict.fromkeys(df["shape"]))
+    shape = next((x for x in shapes if x.startswith("llama3.1-8b.q")), shapes[0] if shapes else "")
+    sub = df[df["shape"] == shape].drop_duplicates(subset=["op", "provider", "mode", "M", "metric"], keep="last")
+    values = {(r.op, r.provider, r.mode, str(r.M), r.metric): r.p50 for r in sub.itertuples()}
+
+    def getter(op, prov, mode, m):
+        return lambda metric: values.get((op, prov, mode, str(m), metric))
+
+    head = ["op", "mode", "M", "provider", "registers", "spill B", "warp-inst / weight", "programs", "waves",
+            "H100 us", "H200 us", "bound (H200)", "roofline H200 us", "dense bf16 H200 us"]  # fmt: skip
+    rows = []
+    for op, mode, m in STATIC_CASES:
+        ref = getter(op, "roofline", mode, m)("floor_us_h200")
+        dense = getter(op, "dense_bf16_gemm", mode, m)("predicted_us_h200")
+        for prov in ("ours", "ours_bf16_fused_down"):
+            g = getter(op, prov, mode, m)
+            if g("launches") is None:
+                continue
+            rows.append([op, mode, str(m), prov, _num(g("registers")), _num(g("spill_bytes")),
+                         _num(g("warp_inst_per_weight"), "{:.2f}"), _num(g("programs")), _num(g("waves")),
+                         _num(g("predicted_us_h100"), "{:.1f}"), _num(g("predicted_us_h200"), "{:.1f}"), _bound(g),
+                         _num(ref, "{:.1f}"), _num(dense, "{:.1f}")])  # fmt: skip
+    for op, prov, m in STATIC_ANCHORS:
+        g = getter(op, prov, "fwd", m)
+        if g("predicted_us_h200") is None:
+            continue
+        rows.append([op, "fwd", str(m) if m else "any", prov, _num(g("registers")), _num(g("spill_bytes")),
+                     _num(g("warp_inst_per_weight"), "{:.2f}"), _num(g("programs")), _num(g("waves")),
+                     _num(g("predicted_us_h100"), "{:.1f}"), _num(g("predicted_us_h200"), "{:.1f}"), _bound(g), "",
+                     ""])  # fmt: skip
+    arch, version, commit = env.get("arch", "?"), env.get("triton", "?"), env.get("commit", "?")
+    title = f"#### Static cost report, sm_{arch}, triton {version} (`{d.name}`): predicted"
+    lines = [title, "",
+             f"Predicted from the compiled code, not measured: `{_rel(d / CSV_NAME)}` (commit {commit}; "
+             f"`{env.get('command', 'python -m benchmarks.static')}`). {shape}, r=16, bf16 activations, NF4 "
+             "blocksize 64 with double quantization. `ours` = fp32 LoRA factors (as the GPU benchmark), "
+             "`ours_bf16_fused_down` = bf16 factors; registers / spills / warp-inst per weight / programs / waves "
+             "are the weight kernel's "
+             "(`flare_fwd_kernel` in fwd, `flare_dx_kernel` in bwd), H100 / H200 us the sum over every launch of the "
+             "op. Anchors: `gemlite` = GemLite's 4-bit GEMM alone on M rows (one stream, no LoRA), `bnb_dequant*` = "
+             "bitsandbytes' Triton NF4 dequantization (independent of M). How the prediction is made: "
+             "[benchmarks/README.md](benchmarks/README.md#static-cost-report).", ""]  # fmt: skip
+    lines += _table(head, rows)
+    launches = sub[sub["provider"].str.startswith("ours:") & (sub["op"] == "flare_add_relu") & (sub["M"] == "4096")]
+    lrows = []
+    for (prov, mode), _ in launches.groupby(["provider", "mode"], sort=False):
+        g = getter("flare_add_relu", prov, mode, 4096)
+        per = g("warp_inst_per_weight")
+        per_txt = _num(per, "{:.2f}") if per is not None else _num(g("warp_inst_per_elem"), "{:.3f}") + " per elem"
+        lrows.append([mode, prov.split(":", 1)[1], _num(g("registers")), _num(g("spill_bytes")), per_txt,
+                      _num(g("programs")), _num(g("waves")), _num(g("predicted_launch_us_h200"), "{:.1f}"),
+                      _bound(g)])  # fmt: skip
+    if lrows:
+        lines += ["Every launch of `ours` (fp32 factors), flare_add_relu, M=4096 (provider `ours:<kernel>`; "
+                  "`lora_down` / `lora_reduce` stream activations, not weights: warp-instructions per element):", ""]
+        lines += _table(["mode", "kernel", "registers", "spill B", "warp-inst / weight", "programs", "waves",
+                         "H200 us", "bound (H200)"], lrows)  # fmt: skip
+    fails = env.get("compile_failures") or {}
+    if fails:
+        lines += [f"Compile failures: {len(fails)} (listed in `environment.json`).", ""]
+    plots = sorted(p.name for p in d.glob("*.png"))
+    if plots:
+        lines += ["Plots: " + ", ".join(f"[{p}]({_rel(d / p)})" for p in plots) + ".", ""]
+    return lines
+
+
 def render(root: Path = RESULTS) -> str:
     dirs = result_dirs(root)
     lines = ["## Benchmarks", "",
@@ -170,6 +271,8 @@ def render(root: Path = RESULTS) -> str:
         lines += ["No results committed yet.", ""]
     for d in dirs:
         lines += device_section(d)
+    for d in result_dirs(root, static=True):
+        lines += static_section(d)
     return "\n".join(lines).rstrip() + "\n"
 
 

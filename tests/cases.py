@@ -42,6 +42,18 @@ class Case:
             parts.append(f"L{self.seq}")
         return "-".join(parts)
 
+    def call_spec(self):
+        """The case as a ``flare_kernels.ops.plan.CallSpec``: what ``cases.run`` launches (both
+        streams' outputs, every gradient it asks for), for the launch plan."""
+        from flare_kernels.ops.plan import CallSpec
+
+        return CallSpec(
+            m=self.m, k=self.k, n=self.n, r=self.r, dtype=self.dtype, adapter_dtype=self.adapter, fusion=self.fusion,
+            source=self.source, bias=self.bias, dropout=self.dropout > 0, blocksize=self.blocksize,
+            nested=self.double_quant, seq_len=self.seq if self.seq > 1 else None,
+            needs=(True, True, True, self.source and FUSION_PARAM_COUNT[self.fusion] > 0),
+        )  # fmt: skip
+
 
 @dataclasses.dataclass
 class Problem:

@@ -132,16 +132,16 @@ def test_covering_set_reaches_every_switch(all_specs):
     fwd = lambda name: {json.loads(v) for v in seen[("flare_fwd_kernel", name)]}  # noqa: E731
     dx = lambda name: {json.loads(v) for v in seen[("flare_dx_kernel", name)]}  # noqa: E731
     assert fwd("FUSION") == {0, 1, 2, 3} and dx("FUSION") == {0, 1, 2, 3}
-    for switch in ("NESTED", "BLOCK_ALIGNED", "HAS_BIAS", "SOURCE_OUT", "NEED_SRC_S", "DROPOUT"):
+    for switch in ("NESTED", "ROW_BLOCKS", "HAS_BIAS", "SOURCE_OUT", "NEED_SRC_S", "DROPOUT"):
         assert fwd(switch) == {True, False}, switch
-    for switch in ("NESTED", "BLOCK_ALIGNED", "NEED_SRC_S", "DROPOUT"):
+    for switch in ("NESTED", "ROW_BLOCKS", "NEED_SRC_S", "DROPOUT"):
         assert dx(switch) == {True, False}, switch
     assert fwd("LORA") == {1, 2} and dx("LORA") == {1, 2}
     assert fwd("LORA_DTYPE") == {"tl.bfloat16", "tl.float16", "tl.float32"}
     assert {s.signature["xt_ptr"] for s in all_specs if s.name == "flare_fwd_kernel"} == {"*bf16", "*fp16", "*fp32"}
     assert fwd("M") == {1}  # M = 1 became a constant somewhere; elsewhere M is a runtime i32
     assert {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"]) for s in all_specs if s.name == "flare_fwd_kernel"} == {
-        (16, 64), (32, 64), (64, 64), (64, 128), (128, 128)
+        (16, 32), (32, 64), (64, 64), (32, 128), (64, 128), (128, 128)
     }
     for name in ("lora_down_kernel", "lora_reduce_kernel"):
         assert {json.loads(v) for v in seen[(name, "DROPOUT")]} == {True, False}

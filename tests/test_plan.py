@@ -8,7 +8,6 @@ import cases
 from cases import Case
 from flare_kernels.ops import plan
 from flare_kernels.ops.plan import HOPPER, CallSpec, Target, TensorArg, launch_plan
-from flare_kernels.reference.fusion import FUSION_PARAM_COUNT
 
 pytest.importorskip("triton")
 
@@ -18,15 +17,6 @@ def _key(launch: plan.Launch):
     values that never specialize, so only their type is kept."""
     specs = {k: (type(v).__name__ if isinstance(v, float) else v) for k, v in launch.arg_specs().items()}
     return launch.name, launch.grid, launch.constexprs, launch.options, specs
-
-
-def _spec_of(case: Case) -> CallSpec:
-    return CallSpec(
-        m=case.m, k=case.k, n=case.n, r=case.r, dtype=case.dtype, adapter_dtype=case.adapter, fusion=case.fusion,
-        source=case.source, bias=case.bias, dropout=case.dropout > 0, blocksize=case.blocksize,
-        nested=case.double_quant, seq_len=case.seq if case.seq > 1 else None,
-        needs=(True, True, True, case.source and FUSION_PARAM_COUNT[case.fusion] > 0),
-    )  # fmt: skip
 
 
 PLAN_CASES = [
@@ -52,7 +42,7 @@ def test_plan_lists_exactly_the_launches_of_a_real_call(case, monkeypatch, devic
     monkeypatch.setattr(plan.Launch, "run", run_and_record)
     cases.run(cases.make_problem(case, device), "triton", case.dtype, case.adapter)
     target = Target.of(torch.device(device), interpret=device.type != "cuda")
-    planned = launch_plan(_spec_of(case), target, forward=True, backward=True)
+    planned = launch_plan(case.call_spec(), target, forward=True, backward=True)
     assert [_key(launch) for launch in ran] == [_key(launch) for launch in planned]
 
 

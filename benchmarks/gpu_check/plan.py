@@ -40,14 +40,8 @@ def import_gpu_cases() -> list:
 
 # ------------------------------------------------------------------------------------ calls, as launch-plan specs
 def spec_of_test_case(case) -> "Any":
-    from flare_kernels.ops.plan import CallSpec
-    from flare_kernels.reference.fusion import FUSION_PARAM_COUNT
-
-    return CallSpec(m=case.m, k=case.k, n=case.n, r=case.r, dtype=case.dtype, adapter_dtype=case.adapter,
-                    fusion=case.fusion, source=case.source, source_out=case.source, bias=case.bias,
-                    dropout=case.dropout > 0, blocksize=case.blocksize, nested=case.double_quant,
-                    seq_len=case.seq if case.seq > 1 else None,
-                    needs=(True, True, True, case.source and FUSION_PARAM_COUNT[case.fusion] > 0))  # fmt: skip
+    """A GPU test case's launch plan input (tests/cases.py owns the mapping)."""
+    return case.call_spec()
 
 
 @functools.cache

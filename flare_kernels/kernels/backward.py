@@ -15,7 +15,7 @@ Shapes: dY [M, N], W [N, K] NF4, A [R, K], B [N, R], s and ds [M, R] fp32, dX [M
 import triton
 import triton.language as tl
 
-from .common import apply_keep_mask, fuse_bwd, grouped_tile, lora_mma, mma, nf4_tile, to_dtype
+from .common import apply_keep_mask, fuse_bwd, grouped_tile, lora_mma, mma, nf4_rows, nf4_tile, to_dtype
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def flare_dx_kernel(
     mt_ptr, stride_mtm, stride_mtk,
     keep_scale, scaling,
     M, N, K, R,
-    LOG2_BS: tl.constexpr, NESTED: tl.constexpr, BLOCK_ALIGNED: tl.constexpr,
+    LOG2_BS: tl.constexpr, NESTED: tl.constexpr, ROW_BLOCKS: tl.constexpr,
     LORA: tl.constexpr, FUSION: tl.constexpr, NEED_SRC_S: tl.constexpr, DROPOUT: tl.constexpr,
     LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -54,11 +54,16 @@ def flare_dx_kernel(
             mask=m_valid[:, None] & n_valid[None, :], other=0.0,
         )
         # W tile [BLOCK_N, BLOCK_K]
-        w = nf4_tile(
-            w_packed, w_absmax, w_code, w_nested_absmax, w_nested_code, w_nested_offset,
-            offs_n[:, None], offs_k[None, :], n_valid[:, None], n_valid[:, None] & k_valid[None, :], k0, K,
-            LOG2_BS, NESTED, BLOCK_ALIGNED,
-        )
+        if ROW_BLOCKS:
+            w = nf4_rows(
+                w_packed, w_absmax, w_code, w_nested_absmax, w_nested_code, w_nested_offset,
+                offs_n, n_valid, k0, K, LOG2_BS, NESTED, BLOCK_N, BLOCK_K,
+            )
+        else:
+            w = nf4_tile(
+                w_packed, w_absmax, w_code, w_nested_absmax, w_nested_code, w_nested_offset,
+                offs_n[:, None], offs_k[None, :], n_valid[:, None] & k_valid[None, :], K, LOG2_BS, NESTED,
+            )
         w = to_dtype(w, dy.dtype, INTERPRET)
         acc = mma(dy, w, acc, INTERPRET)
         if LORA == 2:

@@ -19,36 +19,78 @@ FUSION_ADD_RELU = tl.constexpr(3)
 
 
 @triton.jit
+def block_scale(w_absmax, w_nested_absmax, w_nested_code, w_nested_offset, block, mask, NESTED: tl.constexpr):
+    """fp32 absmax of quantization blocks ``block`` (any shape), double quantization expanded as
+    bitsandbytes does it: code2[qa] * absmax2[block // 256] + offset, two roundings (the launchers
+    turn FMA contraction off)."""
+    # One return after the branch: compiled Triton type-checks every return of a function, also
+    # those behind a constexpr if, and the plain absmax pointer is uint8 when NESTED.
+    if NESTED:
+        qa = tl.load(w_absmax + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(w_nested_code + qa) * tl.load(w_nested_absmax + (block >> 8), mask=mask, other=0.0)
+        scale = scale + tl.load(w_nested_offset)
+    else:
+        scale = tl.load(w_absmax + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def nf4_rows(
+    w_packed, w_absmax, w_code, w_nested_absmax, w_nested_code, w_nested_offset,
+    offs_n, n_valid, k0, K,
+    LOG2_BS: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 W[offs_n, k0 : k0 + BLOCK_K] as a [BLOCK_N, BLOCK_K] tile, when every quantization
+    block lies inside one row (K % BS == 0: K is even, so each row starts on a byte boundary).
+
+    Each packed byte is loaded once (a row's BLOCK_K / 2 bytes are contiguous: wide loads) and
+    split into its two nibbles in registers; the scale is expanded once per (row, block) and
+    broadcast, not once per element. Offsets are 32-bit: the launchers refuse weights of 2**31
+    bytes or more (a 70B-class projection is 117 MB).
+    """
+    HALF: tl.constexpr = BLOCK_K // 2
+    half_k = K // 2
+    offs_b = k0 // 2 + tl.arange(0, HALF)
+    byte = tl.load(
+        w_packed + (offs_n * half_k)[:, None] + offs_b[None, :],
+        mask=n_valid[:, None] & (offs_b < half_k)[None, :], other=0,
+    )
+    # The first element of a pair sits in the high nibble: joining (high, low) on a new last axis
+    # and folding it into k interleaves them in order.
+    q = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_N, BLOCK_K))
+    value = tl.load(w_code + q.to(tl.int32))
+    BS: tl.constexpr = 1 << LOG2_BS
+    blocks_per_row = K >> LOG2_BS
+    if BS >= BLOCK_K:
+        # The tile's k range of a row lies in one block (launchers keep k0 on a BLOCK_K boundary).
+        block = offs_n * blocks_per_row + (k0 >> LOG2_BS)
+        scale = block_scale(w_absmax, w_nested_absmax, w_nested_code, w_nested_offset, block, n_valid, NESTED)
+        w = value * scale[:, None]
+    else:
+        NB: tl.constexpr = BLOCK_K // BS
+        kb = (k0 >> LOG2_BS) + tl.arange(0, NB)
+        block = offs_n[:, None] * blocks_per_row + kb[None, :]
+        scale = block_scale(w_absmax, w_nested_absmax, w_nested_code, w_nested_offset, block,
+                            n_valid[:, None] & (kb < blocks_per_row)[None, :], NESTED)  # fmt: skip
+        w = tl.reshape(tl.reshape(value, (BLOCK_N, NB, BS)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    return w
+
+
+@triton.jit
 def nf4_tile(
     w_packed, w_absmax, w_code, w_nested_absmax, w_nested_code, w_nested_offset,
-    n_idx, k_idx, n_valid, mask, k0, K,
-    LOG2_BS: tl.constexpr, NESTED: tl.constexpr, BLOCK_ALIGNED: tl.constexpr,
+    n_idx, k_idx, mask, K,
+    LOG2_BS: tl.constexpr, NESTED: tl.constexpr,
 ):
-    """fp32 values of W[n_idx, k_idx] (index tensors broadcast to the tile's shape; ``n_valid``
-    is n_idx < N, ``mask`` the whole tile's bounds).
-
-    BLOCK_ALIGNED: every quantization block of the tile's rows covers the tile's whole k range
-    (K % BS == 0, BS % BLOCK_K == 0, k0 % BLOCK_K == 0), so one scale per row is loaded instead of
-    one per element.
-    """
-    row = n_idx.to(tl.int64) * K
-    flat = row + k_idx
+    """fp32 values of W[n_idx, k_idx], element by element (index tensors broadcast to the tile's
+    shape, ``mask`` its bounds): the general layout, where blocks run across rows (K % BS != 0)
+    and a row may start in the middle of a byte. ``nf4_rows`` is the fast path."""
+    flat = n_idx.to(tl.int64) * K + k_idx
     byte = tl.load(w_packed + (flat >> 1), mask=mask, other=0).to(tl.int32)
     # The first element of a pair sits in the high nibble.
     q = (byte >> (((flat & 1) ^ 1) * 4).to(tl.int32)) & 0xF
     value = tl.load(w_code + q)
-    if BLOCK_ALIGNED:
-        block = (row + k0) >> LOG2_BS
-        block_mask = n_valid
-    else:
-        block = flat >> LOG2_BS
-        block_mask = mask
-    if NESTED:
-        qa = tl.load(w_absmax + block, mask=block_mask, other=0).to(tl.int32)
-        scale = tl.load(w_nested_code + qa) * tl.load(w_nested_absmax + (block >> 8), mask=block_mask, other=0.0)
-        scale = scale + tl.load(w_nested_offset)
-    else:
-        scale = tl.load(w_absmax + block, mask=block_mask, other=0.0)
+    scale = block_scale(w_absmax, w_nested_absmax, w_nested_code, w_nested_offset, flat >> LOG2_BS, mask, NESTED)
     return value * scale
 
 

@@ -17,7 +17,7 @@ Shapes: x [M, K] (strided), W [N, K] NF4, A [R, K], B [N, R], s [M, R] fp32, y [
 import triton
 import triton.language as tl
 
-from .common import apply_keep_mask, fuse_fwd, grouped_tile, lora_mma, mma, nf4_tile, to_dtype
+from .common import apply_keep_mask, fuse_fwd, grouped_tile, lora_mma, mma, nf4_rows, nf4_tile, to_dtype
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def flare_fwd_kernel(
     keep_scale, scaling,
     M, N, K, R,
     # switches
-    LOG2_BS: tl.constexpr, NESTED: tl.constexpr, BLOCK_ALIGNED: tl.constexpr,
+    LOG2_BS: tl.constexpr, NESTED: tl.constexpr, ROW_BLOCKS: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOURCE_OUT: tl.constexpr,
     LORA: tl.constexpr, FUSION: tl.constexpr, NEED_SRC_S: tl.constexpr, DROPOUT: tl.constexpr,
     LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
@@ -65,11 +65,16 @@ def flare_fwd_kernel(
         x_mask = m_valid[:, None] & k_valid[None, :]
         xt = tl.load(xt_ptr + offs_m[:, None] * stride_xtm + offs_k[None, :] * stride_xtk, mask=x_mask, other=0.0)
         # W^T tile [BLOCK_K, BLOCK_N], rounded to the activation dtype as bitsandbytes does.
-        w = nf4_tile(
-            w_packed, w_absmax, w_code, w_nested_absmax, w_nested_code, w_nested_offset,
-            offs_n[None, :], offs_k[:, None], n_valid[None, :], k_valid[:, None] & n_valid[None, :], k0, K,
-            LOG2_BS, NESTED, BLOCK_ALIGNED,
-        )
+        if ROW_BLOCKS:
+            w = tl.trans(nf4_rows(
+                w_packed, w_absmax, w_code, w_nested_absmax, w_nested_code, w_nested_offset,
+                offs_n, n_valid, k0, K, LOG2_BS, NESTED, BLOCK_N, BLOCK_K,
+            ))  # fmt: skip
+        else:
+            w = nf4_tile(
+                w_packed, w_absmax, w_code, w_nested_absmax, w_nested_code, w_nested_offset,
+                offs_n[None, :], offs_k[:, None], k_valid[:, None] & n_valid[None, :], K, LOG2_BS, NESTED,
+            )
         w = to_dtype(w, xt.dtype, INTERPRET)
         acc_t = mma(xt, w, acc_t, INTERPRET)
         if SRC_X:

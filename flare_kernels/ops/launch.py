@@ -67,7 +67,7 @@ def _target(device: torch.device, target: Target | None) -> Target:
     return Target.of(device, INTERPRETED) if target is None else target
 
 
-def _gemm_tiles(rows: int, two_streams: bool, target: Target) -> Tiles:
+def _gemm_tiles(rows: int, two_streams: bool, target: Target, row_blocks: bool = True, wide: bool = False) -> Tiles:
     """Tiles for the two NF4 GEMMs (forward and dX), by rows per stream.
 
     Heuristics for Hopper, to be replaced by the benchmark suite's measurements: small row counts
@@ -78,10 +78,21 @@ def _gemm_tiles(rows: int, two_streams: bool, target: Target) -> Tiles:
     if target.interpret:
         return _INTERPRETER_TILES
     if rows <= 16:
-        return Tiles(16, 64, 64, 4, 4)
+        # 32-wide N tiles: 128 programs on a 4096-wide layer instead of 64 (half of 132 SMs idle),
+        # 128-deep K steps to amortize the activation loads. Static report, sm_90, 4096 x 4096,
+        # M = 16, two streams, bf16 adapters: 0.88 / 1.02 warp-instructions per weight (triton 3.6
+        # / 3.9), no spills, 15 / 17 us predicted on an H200, against 16 x 64 x 64: 24.5 / 32.7 us
+        # with spills. 2 warps or 16-wide tiles issue fewer instructions but spill on 3.6.
+        return Tiles(16, 32, 128, 4, 4)
     if rows <= 64:
         return Tiles(32 if two_streams else 64, 64, 64, 4, 4)
-    return Tiles(64 if two_streams else 128, 128, 64, 8, 3)
+    if wide:
+        # fp32 activations: a 128-row dX tile needs 173,056 B of shared memory even at 2 stages on
+        # an A100 (166,912 B; tests/test_aot_compile.py); 64 rows need 107,520 B.
+        return Tiles(32 if two_streams else 64, 128, 64, 8, 2)
+    # The element-wise dequantization (blocks across rows) needs 323,584 B for its 128 x 128 x 64
+    # dX tile at 3 stages under triton 3.6 (an H100 has 232,448 B), 188,416 B at 2.
+    return Tiles(64 if two_streams else 128, 128, 64, 8, 3 if row_blocks else 2)
 
 
 def _options(tiles: Tiles) -> dict:
@@ -90,8 +101,15 @@ def _options(tiles: Tiles) -> dict:
     return dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, enable_fp_fusion=False)
 
 
-def _block_aligned(k: int, blocksize: int, block_k: int) -> bool:
-    return k % blocksize == 0 and blocksize % block_k == 0
+def _row_blocks(w: NF4Tensors) -> bool:
+    """Every quantization block lies inside one row: the kernels' fast dequantization path (whole
+    packed bytes per row, one scale per row and block), whose offsets are 32-bit."""
+    if w.packed.numel() >= 2**31:
+        raise ValueError(
+            f"the Triton kernels index NF4 weights with 32-bit offsets: {w.out_features} x {w.in_features} "
+            "is 2**32 values or more; split the projection"
+        )
+    return w.in_features % w.blocksize == 0
 
 
 def _as_u8(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
@@ -239,7 +257,8 @@ def forward(
         if not per_token:
             z = _sequence_fuse(s_s, s_t, fusion, params, seq_len, fusion_mask)
 
-    tiles = _gemm_tiles(m, two_streams=source_out, target=target)
+    tiles = _gemm_tiles(m, two_streams=source_out, target=target, row_blocks=_row_blocks(w),
+                        wide=x.dtype == torch.float32)
     mask_t = _as_u8(masks[0], s_t.view(torch.uint8))
     mask_s = _as_u8(masks[1], mask_t)
     xs = x if source is None else (source if source_base is None else source_base)
@@ -259,7 +278,7 @@ def forward(
         ),
         dict(
             LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
-            BLOCK_ALIGNED=_block_aligned(k, w.blocksize, tiles.block_k),
+            ROW_BLOCKS=_row_blocks(w),
             HAS_BIAS=bias is not None, SOURCE_OUT=source_out,
             LORA=2 if fuse_down else 1, FUSION=FUSIONS.index(fusion) if z is None else 0,
             NEED_SRC_S=need_src_s and z is None, DROPOUT=dropout and fuse_down,
@@ -311,7 +330,8 @@ def backward(
     dx = None
     if need_dx:
         dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
-        tiles = _gemm_tiles(m, two_streams=False, target=target)
+        tiles = _gemm_tiles(m, two_streams=False, target=target, row_blocks=_row_blocks(w),
+                            wide=x.dtype == torch.float32)
         mask_t = _as_u8(masks[0], ds_t.view(torch.uint8))
         # The dX tile is [BLOCK_M, BLOCK_K]; the N loop steps by BLOCK_N.
         submit(Launch(
@@ -329,7 +349,7 @@ def backward(
             ),
             dict(
                 LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
-                BLOCK_ALIGNED=_block_aligned(k, w.blocksize, tiles.block_k),
+                ROW_BLOCKS=_row_blocks(w),
                 LORA=2 if fused_dz else 1, FUSION=FUSIONS.index(fusion) if fused_dz else 0,
                 NEED_SRC_S=need_src_s and fused_dz, DROPOUT=dropout,
                 LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=target.interpret,

@@ -1,8 +1,7 @@
 """Compiled Triton kernels against the float64 reference at the real Llama 3.1 8B shapes (GPU only).
 
 The interpreter tests (test_kernels.py) cover every code path at small, awkward shapes; these run
-the compiled kernels where the tiles, the split-K and GEMV paths and the tensor-core dtypes are the
-ones users get: q/o (4096 x 4096) and gate/up (14336 x 4096), M from 1 to 8192 rows per stream,
+the compiled kernels where the tiles and the tensor-core dtypes are the ones users get: q/o (4096 x 4096) and gate/up (14336 x 4096), M from 1 to 8192 rows per stream,
 every fusion, forward (both streams) and backward (dX, dA, dB, fusion parameters), bf16
 activations with bf16 or fp32 (PEFT's QLoRA default) adapters. Same check as everywhere:
 ``cases.check_against_reference`` with the tolerance rule of tests/tolerance.py (error against a

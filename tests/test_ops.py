@@ -347,7 +347,19 @@ def test_source_base_on_every_backend(name, device):
         y, y_s = flare_lora_linear(x, w, a, b, 2.0, source=src, source_base=base_rows, return_source_output=True)
         y_plain = flare_lora_linear(x, w, a, b, 2.0, source=src)
         _, y_s_expected = flare_lora_linear(x, w, a, b, 2.0, source=base_rows, return_source_output=True)
-    torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
+    if name != "triton":
+        # The reference and the native kernels compute y from x, s_t and s_s alone, by the same calls
+        # with or without source_base (y_s is a separate product): bit-equal by construction.
+        torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
+    else:
+        # Triton takes another path with source_base (no down-projection fused into the base K loop,
+        # and the two-stream tile choice), so s_t and y are summed in another order: both runs by the
+        # tolerance rule against float64, with the reference in fp32 as PyTorch's own error.
+        with flare_kernels.use_backend("torch"):
+            y32 = flare_lora_linear(x, w, a, b, 2.0, source=src)
+            y64 = flare_lora_linear(x.double(), w, a.double(), b.double(), 2.0, source=src.double())
+        assert_tolerance(y, y64, y32, "y with source_base")
+        assert_tolerance(y_plain, y64, y32, "y without source_base")
     torch.testing.assert_close(y_s, y_s_expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="source_base"):
         flare_lora_linear(x, w, a, b, 2.0, source_base=base_rows)

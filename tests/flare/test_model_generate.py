@@ -14,8 +14,16 @@ import torch
 
 import flare
 from flare.testing import assert_close_scaled, make_flare, random_streams
+from greedy_check import assert_greedy_agree
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def _near_argmax(logits, tokens, name):
+    """Each row's token scores within twice the FP32 agreement bound of that row's best logit."""
+    bound = 2 * (FP32["rtol"] * logits.double().abs().max().item() + FP32["atol"])
+    gap = (logits.max(-1).values - logits.gather(-1, tokens[:, None]).squeeze(-1)).max().item()
+    assert gap <= bound, f"{name}: token {gap:.3e} below the recomputed argmax (bound {bound:.3e})"
 
 
 def _check_lockstep(fm, ids, mask, sids, smask, steps):
@@ -35,11 +43,15 @@ def _check_lockstep(fm, ids, mask, sids, smask, steps):
             n = length + t
             full = fm(out.sequences[:, :n], mask_t, out.source_sequences[:, :n], mask_s).logits[:, -1]
             assert_close_scaled(out.logits[t], full, **FP32, name=f"target logits, step {t}")
-            assert torch.equal(out.sequences[:, n], full.argmax(-1)), f"target token, step {t}"
+            # The token is the argmax of the cached logits it came from (bitwise: the same tensor); the
+            # recompute runs other GEMM shapes, so its argmax may differ only at a near-tie.
+            assert torch.equal(out.sequences[:, n], out.logits[t].argmax(-1)), f"target token, step {t}"
+            _near_argmax(full, out.sequences[:, n], f"target token, step {t}")
             with fm.disable_adapters():
                 src = fm(out.source_sequences[:, :n], mask_s).logits[:, -1]
             assert_close_scaled(out.source_logits[t], src, **FP32, name=f"source logits, step {t}")
-            assert torch.equal(out.source_sequences[:, n], src.argmax(-1)), f"source token, step {t}"
+            assert torch.equal(out.source_sequences[:, n], out.source_logits[t].argmax(-1)), f"source token, step {t}"
+            _near_argmax(src, out.source_sequences[:, n], f"source token, step {t}")
             mask_t = torch.cat([mask_t, ones], 1)
             mask_s = torch.cat([mask_s, ones], 1)
     return out
@@ -74,9 +86,13 @@ def test_uncached_generate_agrees():
     )
     b = fm.generate(ids, mask, sids, smask, max_new_tokens=5, eos_token_id=[], return_dict_in_generate=True,
                     output_logits=True, use_cache=False)  # fmt: skip
-    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.source_sequences, b.source_sequences)
-    for x, y in zip(a.logits, b.logits):
-        assert_close_scaled(x, y, **FP32)
+    # Cached and uncached steps run other GEMM shapes: logits to fp32 rounding, tokens up to a near-tie.
+    # The target reads the source stream: a row whose source tokens split at a tie is not compared on.
+    start = a.sequences.shape[1] - 5
+    live = assert_greedy_agree(a.source_sequences, b.source_sequences, a.source_logits, b.source_logits, start,
+                               **FP32, name="source")  # fmt: skip
+    live = assert_greedy_agree(a.sequences, b.sequences, a.logits, b.logits, start, **FP32, name="target", live=live)
+    assert live.any(), "every row tied: nothing compared"
 
 
 def test_eos_stops_rows_and_pads():
@@ -99,10 +115,14 @@ def test_eos_stops_rows_and_pads():
 def test_plain_generate_matches_transformers_generate():
     fm = make_flare("llama").eval()
     ids, mask, _, _ = random_streams("llama", length=6, seed=4)
-    ours = fm.generate(ids, mask, max_new_tokens=5, eos_token_id=[])
+    ours = fm.generate(ids, mask, max_new_tokens=5, eos_token_id=[], return_dict_in_generate=True, output_logits=True)
     theirs = fm.base_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
-                                    do_sample=False, pad_token_id=0)  # fmt: skip
-    assert torch.equal(ours, theirs)
+                                    do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                                    output_logits=True)  # fmt: skip
+    # Two decoding loops (their own cache and mask handling): equal up to fp32 rounding and near-ties.
+    live = assert_greedy_agree(ours.sequences, theirs.sequences, ours.logits, [x.float() for x in theirs.logits],
+                               ids.shape[1], **FP32, name="plain")  # fmt: skip
+    assert live.any(), "every row tied: nothing compared"
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():

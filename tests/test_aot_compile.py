@@ -3,10 +3,10 @@
 The interpreter accepts code that compiled Triton rejects (module-level ``NAME: tl.constexpr = 1``
 once passed every CPU test and failed on the first GPU launch). These tests compile, with no GPU,
 every unique specialization that the launch plans of ``benchmarks.static.coverage.covering_specs()``
-emit: for sm_90 with the GPU image's Triton (3.6.0, installed on demand into an isolated folder)
-and with the installed one, and for sm_80 (one spec per tile class) and sm_100 (the smallest and largest
-GEMM tiles) with the installed one: the budget, about 6 s of compile per GEMM specialization on
-one core. A failure lists
+emit for sm_90, with the GPU image's Triton (3.6.0, installed on demand into an isolated folder)
+and with the installed one; for sm_80, one spec per tile class with the installed Triton; and every
+kernel at least once (``tile_extremes``) for sm_80 with 3.6.0 and for sm_100 with both: the budget,
+about 6 s of compile per GEMM specialization on one core. A failure lists
 each failing specialization with the compiler's message.
 
 And they check that ``spec_of`` (what the plan compiles) is what each Triton's own JIT binder
@@ -36,13 +36,16 @@ from benchmarks.static.toolchain import (
 
 # (arch, triton version or None for the installed one, which specs). Cold-cache CPU time on the
 # 2-core CI machine, triton 3.9 unless noted: sm_90 all 52 specs ~190 s (3.6: ~140 s), sm_80 on
-# the 22 tile classes ~85 s, sm_100 on those 22 ~100 s, hence only the 4 tile extremes there.
+# the 22 tile classes ~85 s, sm_100 on those 22 ~100 s, hence only the tile extremes and one spec
+# of each skinny kernel (6 specs) there and for sm_80 under 3.6.
 SPEC_SETS = {"all": lambda specs: specs, "tiles": coverage.tile_classes, "extremes": coverage.tile_extremes}
 TARGETS = [
     (90, PINNED_VERSION, "all"),
     (90, None, "all"),
     (80, None, "tiles"),
+    (80, PINNED_VERSION, "extremes"),
     (100, None, "extremes"),
+    (100, PINNED_VERSION, "extremes"),
 ]
 
 

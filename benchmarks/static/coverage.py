@@ -201,12 +201,18 @@ if __name__ == "__main__":  # python -m benchmarks.static.coverage jit: the JIT 
 
 
 def tile_extremes(specs: Iterable[KernelSpec]) -> list[KernelSpec]:
-    """The smallest and the largest output tile of each GEMM kernel, bf16 (a smoke set for an
-    arch the project is not measured on: sm_100, whose ptxas takes the longest)."""
+    """Every kernel at least once: the smallest and the largest output tile of each GEMM kernel
+    (bf16) and one spec of each skinny LoRA kernel (a smoke set for the archs and versions
+    compiled on a budget: sm_80 and sm_100 under the pinned Triton, sm_100 under the installed
+    one, whose ptxas takes the longest)."""
     chosen: dict[tuple, KernelSpec] = {}
-    gemm = [s for s in tile_classes(specs) if s.name in ("flare_fwd_kernel", "flare_dx_kernel")
+    classes = tile_classes(specs)
+    gemm = [s for s in classes if s.name in ("flare_fwd_kernel", "flare_dx_kernel")
             and s.constexprs.get("LORA_DTYPE") == "tl.bfloat16"]  # fmt: skip
     for spec in sorted(gemm, key=lambda s: s.constexprs["BLOCK_M"] * s.constexprs["BLOCK_N"]):
         chosen.setdefault((spec.name, "small"), spec)
         chosen[(spec.name, "large")] = spec
+    for spec in classes:
+        if spec.name not in ("flare_fwd_kernel", "flare_dx_kernel"):
+            chosen.setdefault((spec.name, "any"), spec)
     return unique(chosen.values())

@@ -33,6 +33,17 @@ STYLE = {
 BASELINE = "bitsandbytes + PEFT"
 
 
+def figure_legend(fig, axes, max_columns: int) -> None:
+    """One legend under the whole figure, each label once, in the order the panels first show it."""
+    handles, labels = [], []
+    for row in axes:
+        for ax in row:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(max_columns, len(labels)), fontsize=8)
+
 def load(out: Path):
     import pandas as pd
 
@@ -107,14 +118,7 @@ def plot_speedup(df, out: Path) -> list[Path]:
                 if i == len(modes) - 1:
                     ax.set_xlabel("M (tokens per stream)")
                 ax.grid(True, which="both", alpha=0.3)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        for row in axes:
-            for ax in row:
-                for h, lab in zip(*ax.get_legend_handles_labels()):
-                    if lab not in labels:
-                        handles.append(h)
-                        labels.append(lab)
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+        figure_legend(fig, axes, max_columns=4)
         device = df["device"].iloc[0]
         fig.suptitle(f"{op}: speedup over {BASELINE} (best mode per case), r={r}, {device}", fontsize=11)
         fig.tight_layout(rect=(0, 0.09, 1, 0.95))

@@ -415,6 +415,8 @@ def plot_static(folder: Path, dev: str = "h200") -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plots import figure_legend
+
     from ..plots import load
 
     df = load(folder)
@@ -449,18 +451,11 @@ def plot_static(folder: Path, dev: str = "h200") -> list[Path]:
                     ax.set_ylabel(f"predicted us ({dev.upper()})")
                 if i == len(modes) - 1:
                     ax.set_xlabel("M (tokens per stream)")
-        handles, labels = [], []
-        for row in axes:
-            for ax in row:
-                for h, lab in zip(*ax.get_legend_handles_labels()):
-                    if lab not in labels:
-                        handles.append(h)
-                        labels.append(lab)
-        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
+        figure_legend(fig, axes, max_columns=3)
         fig.suptitle(f"{op}: predicted time (static, {folder.name}), r={RANK}", fontsize=11)
         fig.tight_layout(rect=(0, 0.1, 1, 0.95))
         path = folder / f"static_{op}.png"
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")  # the legend spans wider than a single column
         plt.close(fig)
         paths.append(path)
     return paths

@@ -10,6 +10,10 @@ BUDGET_S = 480.0  # 8 minutes: the device call's limit is 10, and the machine's 
 RESERVE_S = 20.0  # the summary, and processes that take a few seconds to stop
 # Share of what is left when a phase starts (a phase that ends early leaves its time to the next).
 SHARES = {"compile": 0.10, "tests": 0.50, "bench": 0.28, "predicted": 0.12}
+# The tests phase hands pytest a deadline (seconds since the epoch) after which tests/conftest.py
+# starts no further GPU test; the junit counts tell those skips apart by their reason.
+DEADLINE_ENV = "FLARE_GPU_CHECK_DEADLINE"
+BUDGET_SKIP_REASON = "gpu-check time budget spent: not run"
 
 
 class Budget:

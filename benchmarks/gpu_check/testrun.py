@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .budget import BUDGET_SKIP_REASON, DEADLINE_ENV
 from .child import STOP_BEFORE_S, brief, child_command, child_env, run_child
 from .layout import rel
 from .plan import gpu_test_files
@@ -70,7 +71,7 @@ def run_tests(check: Check, ph: Phase, end: float) -> None:
     stop_starting = end - TEST_TAIL_S
     res = run_child(child_command("pytest", "-v", "-rfEs", "--tb=short", "--durations=15",
                                   f"--junitxml={check.path('junit')}", *common),
-                    child_env(check.site, {"FLARE_GPU_CHECK_DEADLINE": f"{stop_starting:.0f}"}),
+                    child_env(check.site, {DEADLINE_ENV: f"{stop_starting:.0f}"}),
                     stop_at=end - STOP_BEFORE_S, log=check.path("log"))  # fmt: skip
     counts = junit_counts(check.path("junit"))
     if not check.path("junit").exists():  # pytest was killed: count from its verbose log
@@ -108,7 +109,7 @@ def junit_counts(path: Path) -> dict:
             msg = (node.get("message") or node.text or "").strip().splitlines()
             out["failures"].append(f"{name}: {msg[0][:300] if msg else '?'}")
         elif skip is not None:
-            if "time budget" in (skip.get("message") or ""):
+            if BUDGET_SKIP_REASON in (skip.get("message") or ""):
                 out["skipped_budget"] += 1
             else:
                 out["skipped"] += 1

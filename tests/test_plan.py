@@ -82,3 +82,11 @@ def test_unaligned_tensor_is_reported_as_such():
     base = torch.empty(65, dtype=torch.bfloat16)
     launch = plan.Launch(type("K", (), {"arg_names": ["p"], "fn": None})(), (1,), (base[1:],), {}, {})
     assert launch.arg_specs() == {"p": TensorArg(torch.bfloat16, aligned=False)}
+
+
+def test_weights_past_32_bit_offsets_are_refused():
+    """The kernels index packed bytes with 32-bit offsets: 2**32 weights (2**31 bytes) or more is a
+    clear error before any launch, not a wrapped address."""
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        launch_plan(CallSpec(m=1, k=65536, n=65536))
+    assert launch_plan(CallSpec(m=1, k=65536, n=32768))  # 2**31 weights: 2**30 bytes, fine

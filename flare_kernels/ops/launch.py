@@ -257,7 +257,8 @@ def forward(
         if not per_token:
             z = _sequence_fuse(s_s, s_t, fusion, params, seq_len, fusion_mask)
 
-    tiles = _gemm_tiles(m, two_streams=source_out, target=target, row_blocks=_row_blocks(w),
+    row_blocks = _row_blocks(w)
+    tiles = _gemm_tiles(m, two_streams=source_out, target=target, row_blocks=row_blocks,
                         wide=x.dtype == torch.float32)
     mask_t = _as_u8(masks[0], s_t.view(torch.uint8))
     mask_s = _as_u8(masks[1], mask_t)
@@ -278,7 +279,7 @@ def forward(
         ),
         dict(
             LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
-            ROW_BLOCKS=_row_blocks(w),
+            ROW_BLOCKS=row_blocks,
             HAS_BIAS=bias is not None, SOURCE_OUT=source_out,
             LORA=2 if fuse_down else 1, FUSION=FUSIONS.index(fusion) if z is None else 0,
             NEED_SRC_S=need_src_s and z is None, DROPOUT=dropout and fuse_down,
@@ -330,7 +331,8 @@ def backward(
     dx = None
     if need_dx:
         dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
-        tiles = _gemm_tiles(m, two_streams=False, target=target, row_blocks=_row_blocks(w),
+        row_blocks = _row_blocks(w)
+        tiles = _gemm_tiles(m, two_streams=False, target=target, row_blocks=row_blocks,
                             wide=x.dtype == torch.float32)
         if m <= 16 and not target.interpret:
             # dX's grid runs over K tiles and its loop over N: 32-wide K tiles give 128 programs
@@ -355,7 +357,7 @@ def backward(
             ),
             dict(
                 LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
-                ROW_BLOCKS=_row_blocks(w),
+                ROW_BLOCKS=row_blocks,
                 LORA=2 if fused_dz else 1, FUSION=FUSIONS.index(fusion) if fused_dz else 0,
                 NEED_SRC_S=need_src_s and fused_dz, DROPOUT=dropout,
                 LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=target.interpret,

@@ -146,8 +146,13 @@ def test_covering_set_reaches_every_switch(all_specs):
     assert {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"]) for s in all_specs if s.name == "flare_fwd_kernel"} == {
         (16, 32), (32, 64), (64, 64), (32, 128), (64, 128), (128, 128)
     }
-    for name in ("lora_down_kernel", "lora_reduce_kernel"):
+    for name in ("lora_down_kernel", "lora_reduce_kernel", "lora_up_kernel"):
         assert {json.loads(v) for v in seen[(name, "DROPOUT")]} == {True, False}
+    up = {json.loads(v) for v in seen[("lora_up_kernel", "LORA_DTYPE")]}
+    assert up == {"tl.bfloat16", "tl.float16", "tl.float32"}
+    dq = lambda name: {json.loads(v) for v in seen[("nf4_dequant_kernel", name)]}  # noqa: E731
+    assert dq("ROW_BLOCKS") == {True, False} and dq("NESTED") == {True, False}
+    assert {s.signature["out_ptr"] for s in all_specs if s.name == "nf4_dequant_kernel"} == {"*bf16", "*fp16", "*fp32"}
     # K not divisible by 16 somewhere: the K argument without divisibility.
     assert any(s.signature.get("K") == "i32" and "K" not in s.attrs for s in all_specs)
 

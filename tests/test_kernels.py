@@ -64,6 +64,43 @@ def test_down_projection_placement(fusion, fuse_down, device, monkeypatch):
     check_against_reference(dataclasses.replace(BASE, fusion=fusion, dropout=0.2), device)
 
 
+DEQUANT_CASES = [
+    BASE,
+    dataclasses.replace(BASE, fusion="none", source=False, dropout=0.25),
+    dataclasses.replace(BASE, fusion="cross_attention", m=24, seq=8, dtype=torch.bfloat16),
+    dataclasses.replace(BASE, fusion="mul", dropout=0.2, dtype=torch.bfloat16, adapter=torch.float32),
+    dataclasses.replace(BASE, n=33, k=96, blocksize=32, dtype=torch.float16),
+    # blocks across rows: the element-wise dequantization
+    dataclasses.replace(BASE, k=160, blocksize=128, double_quant=False),
+]
+
+
+@pytest.mark.parametrize("case", DEQUANT_CASES, ids=lambda c: c.id)
+def test_dequant_route_matches_reference(case, device, monkeypatch):
+    """The large-M route (W dequantized once, torch's GEMM, the LoRA term in place), forced at
+    small shapes: same contract as the fused kernels."""
+    monkeypatch.setattr(launch, "GEMM_ROUTE", "dequant")
+    check_against_reference(case, device)
+
+
+def test_dequantized_weight_is_bit_exact(device):
+    """The dense buffer the large-M route multiplies holds bitsandbytes' values exactly."""
+    from flare_kernels.format.nf4 import quantize_nf4
+
+    for blocksize, k, nested in ((64, 192, True), (128, 160, False), (32, 96, True)):
+        w = torch.randn(33, k, generator=torch.Generator().manual_seed(k)).to(device)
+        q = quantize_nf4(w, blocksize=blocksize, double_quant=nested)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            got = launch.dequantize(q.tensors(), dtype)
+            assert torch.equal(got, q.tensors().dequantize(torch.float32).to(dtype)), (blocksize, k, nested, dtype)
+
+
+def test_unknown_gemm_route_is_refused(monkeypatch):
+    monkeypatch.setattr(launch, "GEMM_ROUTE", "cublas")
+    with pytest.raises(ValueError, match="FLARE_KERNELS_GEMM_ROUTE must be one of"):
+        launch.gemm_route(4096, launch.Target(num_sms=132))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [16, 4096])
 @pytest.mark.parametrize("fusion", ["add_relu", "none", "cross_attention"])

@@ -46,6 +46,35 @@ def test_plan_lists_exactly_the_launches_of_a_real_call(case, monkeypatch, devic
     assert [_key(launch) for launch in ran] == [_key(launch) for launch in planned]
 
 
+@pytest.mark.parametrize("case", [Case(), Case(fusion="cross_attention", m=24, seq=8, dropout=0.25, bias=False)],
+                         ids=lambda c: c.id)
+def test_plan_of_the_dequant_route_lists_its_launches_and_gemms(case, monkeypatch, device):
+    from flare_kernels.ops import launch
+
+    monkeypatch.setattr(launch, "GEMM_ROUTE", "dequant")
+    ran: list = []
+    for cls in (plan.Launch, plan.LibraryCall):
+        def run_and_record(self, _real=cls.run):
+            ran.append(self)
+            _real(self)
+
+        monkeypatch.setattr(cls, "run", run_and_record)
+    cases.run(cases.make_problem(case, device), "triton", case.dtype, case.adapter)
+    target = Target.of(torch.device(device), interpret=device.type != "cuda")
+    planned = launch_plan(case.call_spec(), target, forward=True, backward=True, library=True)
+
+    def key(x):
+        if isinstance(x, plan.LibraryCall):
+            return x.name, x.m, x.n, x.k, x.dtype
+        return _key(x)
+
+    assert [key(x) for x in ran] == [key(x) for x in planned]
+    names = [x.name for x in planned]
+    # forward: s, W, a GEMM per stream, the LoRA term; backward: dZ, W, the dX GEMM, its LoRA term, dA, dB
+    assert names.count("nf4_dequant_kernel") == 2 and names.count("gemm") == 3 and names.count("lora_up_kernel") == 2
+    assert "flare_fwd_kernel" not in names and "flare_dx_kernel" not in names
+
+
 def test_plan_is_pure_and_sized_by_the_target():
     spec = CallSpec(m=16, k=4096, n=4096, r=16)
     a = launch_plan(spec, HOPPER, backward=True)
@@ -63,12 +92,19 @@ def test_plan_is_pure_and_sized_by_the_target():
 
 def test_plan_for_a_gpu_target_compiles_the_gpu_kernels():
     """Built in an interpreter process, a GPU target still gets the GPU tiles and INTERPRET=False."""
-    launches = launch_plan(CallSpec(m=4096, k=4096, n=4096, fusion="add_relu"), HOPPER, backward=True)
+    launches = launch_plan(CallSpec(m=96, k=4096, n=4096, fusion="add_relu"), HOPPER, backward=True)
     assert {x.name for x in launches} >= {"flare_fwd_kernel", "flare_dx_kernel", "lora_reduce_kernel"}
     assert all(x.constexprs["INTERPRET"] is False for x in launches)
     fwd = launches[0]
     assert fwd.name == "flare_fwd_kernel" and fwd.constexprs["BLOCK_N"] == 128
     assert fwd.arg_specs()["xt_ptr"] == TensorArg(torch.bfloat16, aligned=True)
+    # From 512 rows per stream: W dequantized once, the GEMMs by torch (cuBLAS).
+    big = launch_plan(CallSpec(m=4096, k=4096, n=4096, fusion="add_relu"), HOPPER, backward=True, library=True)
+    assert [x.name for x in big] == [
+        "lora_down_kernel", "nf4_dequant_kernel", "gemm", "gemm", "lora_up_kernel",  # forward
+        "lora_down_kernel", "nf4_dequant_kernel", "gemm", "lora_up_kernel", "lora_reduce_kernel", "lora_reduce_kernel",
+    ]
+    assert [(x.m, x.n, x.k) for x in big if x.name == "gemm"] == [(4096, 4096, 4096)] * 3
 
 
 def test_call_spec_rejects_bad_input():

@@ -62,7 +62,9 @@ MODES = ("fwd", "bwd")
 # check joins these rows with its measured times by provider).
 ADAPTERS = {"ours": ("float32", None), "ours_bf16_fused_down": ("bfloat16", True)}
 DEVICES = ("h100", "h200")
-WEIGHT_KERNELS = ("flare_fwd_kernel", "flare_dx_kernel")
+# The launch whose loop dequantizes the weights: the op rows carry its metrics. On the large-M
+# "dequant" route that is nf4_dequant_kernel (the GEMMs are cuBLAS's).
+WEIGHT_KERNELS = ("flare_fwd_kernel", "flare_dx_kernel", "nf4_dequant_kernel")
 
 
 # ------------------------------------------------------------------------------------ one launch, priced
@@ -124,6 +126,39 @@ def _pred_metrics(dev: str, preds: list[cost.Prediction], total_name: str = "pre
     return out
 
 
+@dataclass
+class PricedGemm:
+    """A library GEMM of the plan (``LibraryCall``: cuBLAS through torch), priced as the dense
+    reference is: no SASS to read, so no instruction metrics."""
+
+    kernel: str
+    m: int
+    n: int
+    k: int
+    act_bytes: int
+    preds: dict[str, cost.Prediction] = field(default_factory=dict)
+    ok: bool = True
+
+    @classmethod
+    def of(cls, call) -> "PricedGemm":
+        p = cls(call.name, call.m, call.n, call.k, _itemsize(call.dtype))
+        flops = 2.0 * p.m * p.n * p.k
+        moved = p.act_bytes * (p.m * p.k + p.n * p.k + p.m * p.n)
+        for dev in DEVICES:
+            d = cost.DEVICES[dev]
+            # fp32 GEMMs run on the CUDA cores (torch keeps TF32 off): 1/8 of the tensor rate is
+            # optimistic (H100 SXM datasheet: 67 fp32 TFLOP/s against 989 bf16).
+            rate = d.tensor_flops_per_s / (8 if p.act_bytes == 4 else 1)
+            p.preds[dev] = cost.Prediction(moved / d.hbm_bytes_per_s, flops / rate, 0.0, 0)
+        return p
+
+    def metrics(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = [("gemm_m", self.m), ("gemm_n", self.n), ("gemm_k", self.k)]
+        for dev, p in self.preds.items():
+            out += _pred_metrics(dev, [p], "predicted_launch_us")
+        return out
+
+
 def _itemsize(dtype) -> int:
     return dtype.itemsize
 
@@ -164,6 +199,16 @@ def describe_launch(launch) -> dict[str, Any]:
             moved += m * r * 4
         return dict(per_pass=c["BLOCK_N"] * c["BLOCK_K"], per_elem=False, iterations=math.ceil(n / c["BLOCK_N"]),
                     flops=flops, bytes=moved)  # fmt: skip
+    if name == "nf4_dequant_kernel":
+        n, k = a["N"], a["K"]
+        return dict(per_pass=c["BLOCK_N"] * c["BLOCK_K"], per_elem=False, iterations=1, flops=0.0,
+                    bytes=counts.nf4_bytes(n, k) + n * k * _itemsize(a["out_ptr"].dtype))  # fmt: skip
+    if name == "lora_up_kernel":
+        m, ch, r = a["M"], a["C"], a["R"]
+        y, ad = _itemsize(a["y_ptr"].dtype), _itemsize(a["u_ptr"].dtype)
+        moved = 2 * m * ch * y + m * r * 4 + r * ch * ad + (m * ch if c["DROPOUT"] else 0)
+        return dict(per_pass=c["BLOCK_M"] * c["BLOCK_C"], per_elem=True, iterations=1, flops=2 * m * r * ch,
+                    bytes=moved)  # fmt: skip
     if name == "lora_down_kernel":
         m, k, r = a["M"], a["K"], a["R"]
         streams = launch.grid[1] if len(launch.grid) > 1 else 1
@@ -200,7 +245,7 @@ class OpCase:
 def our_cases(shapes: list[Shape], ms: list[int], log: Callable[[str], None]) -> list[OpCase]:
     import torch
 
-    from flare_kernels.ops.plan import HOPPER, CallSpec, launch_plan
+    from flare_kernels.ops.plan import HOPPER, CallSpec, Launch, launch_plan
 
     cases = []
     for shape in shapes:
@@ -214,8 +259,10 @@ def our_cases(shapes: list[Shape], ms: list[int], log: Callable[[str], None]) ->
                         call = CallSpec(m=m, k=shape.k, n=shape.n, r=RANK, dtype=torch.bfloat16,
                                         adapter_dtype=getattr(torch, adapter), fusion=fusion, source=two,
                                         source_out=two, fuse_down=fuse_down)  # fmt: skip
-                        launches = launch_plan(call, HOPPER, forward=mode == "fwd", backward=mode == "bwd")
-                        cases.append(OpCase(op, provider, shape, mode, m, launches, [spec_of(ln) for ln in launches]))
+                        launches = launch_plan(call, HOPPER, forward=mode == "fwd", backward=mode == "bwd",
+                                               library=True)  # fmt: skip
+                        specs = [spec_of(ln) if isinstance(ln, Launch) else None for ln in launches]
+                        cases.append(OpCase(op, provider, shape, mode, m, launches, specs))
     log(f"plan: {len(cases)} op cases, {sum(len(c.launches) for c in cases)} launches")
     return cases
 
@@ -320,7 +367,7 @@ def run_one(arch: int, version: str | None, out_root: Path, shapes: list[Shape],
         anchor_list, skipped = anchor_launches(shapes, ms)
         for what, why in skipped.items():
             log(f"anchor skipped: {what}: {why}")
-    specs = list(dict.fromkeys([s for c in cases for s in c.specs] + [a.spec for a in anchor_list]))
+    specs = list(dict.fromkeys([s for c in cases for s in c.specs if s is not None] + [a.spec for a in anchor_list]))
     log(f"compiling {len(specs)} unique kernels for sm_{arch} with triton {chain.version} "
         f"({jobs} jobs; cached ones are free)")
     arts = compile_specs(specs, arch, chain.version, jobs=jobs, log=log)
@@ -343,6 +390,7 @@ def run_one(arch: int, version: str | None, out_root: Path, shapes: list[Shape],
     with Writer(folder, f"static-sm{arch}", vfield, commit, resume=False) as w:
         for i, c in enumerate(cases):
             priced = [
+                PricedGemm.of(ln) if s is None else
                 price(by_spec[s], chain, arch, ln.name, ln.programs, ln.options.get("num_warps", 4),
                       describe_launch(ln), cache)
                 for ln, s in zip(c.launches, c.specs)

@@ -1,17 +1,22 @@
 """Skinny rank-r GEMMs of the LoRA branch (Triton jit only).
 
 ``lora_down_kernel``   S[M, R] = out_scale * drop(X)[M, K] @ A^T   for one or two streams
-                       (grid axis 1 picks the stream). Also gives dZ = scaling * dY B with
-                       X = dY and A = B^T (a strided view).
+                       (grid axis 1 picks the stream), split over K (grid axis 2: each split
+                       writes its partial sum to its own slice; the launcher adds them). Also
+                       gives dZ = scaling * dY B with X = dY and A = B^T (a strided view).
 ``lora_reduce_kernel`` P[split, R, C] = sum over the split's rows m and the streams of
                        L[m, R]^T drop(X)[m, C]; the launcher sums the splits. Gives
                        dA = dS_t^T drop(x_t) + dS_s^T drop(x_s) and dB^T = Z^T dY.
+``lora_up_kernel``     Y[M, C] += out_scale * drop(L[M, R] @ U[R, C]), in place, Y in its own
+                       dtype (rounded once). The large-M route's LoRA epilogue after a cuBLAS
+                       GEMM: Y = y_t, L = phi, U = B^T (forward); Y = dX, L = dS_t, U = A,
+                       with the target's dropout mask (backward).
 """
 
 import triton
 import triton.language as tl
 
-from .common import apply_keep_mask, lora_mma
+from .common import apply_keep_mask, lora_mma, to_dtype
 
 
 @triton.jit
@@ -21,13 +26,14 @@ def lora_down_kernel(
     m0_ptr, stride_m0m, stride_m0k,
     m1_ptr, stride_m1m, stride_m1k,
     a_ptr, stride_ar, stride_ak,
-    s0_ptr, s1_ptr, stride_sm,
+    s0_ptr, s1_ptr, stride_ss, stride_sm,
     keep_scale, out_scale,
-    M, K, R,
+    M, K, R, k_per_split,
     DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    split = tl.program_id(2)
     if tl.program_id(1) == 0:
         x_ptr, stride_xm, stride_xk = x0_ptr, stride_x0m, stride_x0k
         mask_ptr, stride_mm, stride_mk = m0_ptr, stride_m0m, stride_m0k
@@ -41,9 +47,10 @@ def lora_down_kernel(
     m_valid = offs_m < M
     r_valid = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_end = tl.minimum((split + 1) * k_per_split, K)
+    for k0 in range(split * k_per_split, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_valid = offs_k < K
+        k_valid = offs_k < k_end
         x_mask = m_valid[:, None] & k_valid[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
         if DROPOUT:
@@ -54,7 +61,8 @@ def lora_down_kernel(
             mask=r_valid[None, :] & k_valid[:, None], other=0.0,
         )
         acc = lora_mma(x, a, acc, LORA_DTYPE, INTERPRET)
-    tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :], acc * out_scale, mask=m_valid[:, None] & r_valid[None, :])
+    tl.store(s_ptr + split * stride_ss + offs_m[:, None] * stride_sm + offs_r[None, :], acc * out_scale,
+             mask=m_valid[:, None] & r_valid[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -101,3 +109,34 @@ def lora_reduce_kernel(
         acc,
         mask=r_valid[:, None] & c_valid[None, :],
     )
+
+
+@triton.jit
+def lora_up_kernel(
+    y_ptr, stride_ym, stride_yc,
+    l_ptr, stride_lm,
+    u_ptr, stride_ur, stride_uc,
+    mask_ptr, stride_mm, stride_mc,
+    keep_scale, out_scale,
+    M, C, R,
+    DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_valid = offs_m < M
+    c_valid = offs_c < C
+    r_valid = offs_r < R
+    # One rank-r step: R <= BLOCK_R (the launchers round R up to a power of two, at least 16).
+    lt = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :], mask=m_valid[:, None] & r_valid[None, :],
+                 other=0.0)  # fmt: skip
+    u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_c[None, :] * stride_uc,
+                mask=r_valid[:, None] & c_valid[None, :], other=0.0)  # fmt: skip
+    up = lora_mma(lt, u, tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), LORA_DTYPE, INTERPRET)
+    y_mask = m_valid[:, None] & c_valid[None, :]
+    if DROPOUT:
+        up = apply_keep_mask(up, mask_ptr, offs_m, offs_c, stride_mm, stride_mc, y_mask, keep_scale)
+    y_offs = offs_m[:, None] * stride_ym + offs_c[None, :] * stride_yc
+    y = tl.load(y_ptr + y_offs, mask=y_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_offs, to_dtype(y + up * out_scale, y_ptr.dtype.element_ty, INTERPRET), mask=y_mask)

@@ -15,13 +15,16 @@ import triton
 import triton.language as tl
 
 from ..format.nf4 import NF4Tensors
-from ..kernels import INTERPRETED, flare_dx_kernel, flare_fwd_kernel, lora_down_kernel, lora_reduce_kernel
+from ..kernels import (
+    INTERPRETED, flare_dx_kernel, flare_fwd_kernel, lora_down_kernel, lora_reduce_kernel, lora_up_kernel,
+    nf4_dequant_kernel,
+)  # fmt: skip
 from ..reference.fusion import FUSIONS, fuse, is_per_token
 from .fusion_glue import Grads, LoraCall, rank_r_backward, zero_grads
 from .fusion_glue import fusion_plan as _fusion_plan
 from .fusion_glue import keep_scale as _keep_scale
 from .fusion_glue import sequence_fuse as _sequence_fuse
-from .plan import Launch, Target, submit
+from .plan import LibraryCall, Launch, Target, submit
 
 
 def _weight_pointers(w: NF4Tensors) -> tuple[torch.Tensor, ...]:
@@ -50,6 +53,25 @@ GROUP_M = 8
 # selects the separate pass so the benchmarks can compare both.
 FUSE_DOWN_DEFAULT = os.environ.get("FLARE_KERNELS_FUSE_DOWN", "1") != "0"
 
+
+# Which loop runs an NF4 GEMM (the forward, or dX) of a call with `rows` rows per stream:
+#   "fused":   the weight is dequantized in registers inside the GEMM loop (one pass over the
+#              4-bit bytes serves both streams): the way to go while reading W is the bound;
+#   "dequant": W is dequantized once into a dense buffer in the activation dtype (2 N K bytes,
+#              freed after the call: 32 MiB for a 4096 x 4096 projection) and torch's GEMM
+#              (cuBLAS) computes each stream; the LoRA term is a rank-r epilogue kernel.
+# "auto" takes "dequant" on a GPU from DEQUANT_MIN_ROWS rows (forward) and DEQUANT_MIN_ROWS_DX
+# (dX), where the static report predicts it faster. Llama 3.1 8B q_proj, two streams, bf16
+# adapters, H200, triton 3.6 / 3.9, fused against dequant, in us:
+#   forward M = 64: 24 / 34 against 28 / 28;  M = 128: 34 / 46 against 29 / 29;
+#           M = 1024: 138 / 185 against 105 / 105;
+#   backward M = 256: 21 / 18 against 26 / 26;  M = 512: 42 / 37 against 40 / 40;
+#           M = 1024: 85 / 73 against 67 / 68.
+# FLARE_KERNELS_GEMM_ROUTE=fused|dequant forces a route (benchmarks, tests).
+GEMM_ROUTE = os.environ.get("FLARE_KERNELS_GEMM_ROUTE", "auto")
+GEMM_ROUTES = ("auto", "fused", "dequant")
+DEQUANT_MIN_ROWS = 128
+DEQUANT_MIN_ROWS_DX = 512
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -95,6 +117,18 @@ def _gemm_tiles(rows: int, two_streams: bool, target: Target, row_blocks: bool =
     return Tiles(64 if two_streams else 128, 128, 64, 8, 3 if row_blocks else 2)
 
 
+def gemm_route(rows: int, target: Target, dx: bool = False) -> str:
+    """"fused" or "dequant" for the forward (or, with ``dx``, the dX GEMM) of a call with ``rows``
+    rows per stream (see GEMM_ROUTE)."""
+    if GEMM_ROUTE not in GEMM_ROUTES:
+        raise ValueError(f"FLARE_KERNELS_GEMM_ROUTE must be one of {GEMM_ROUTES}, got {GEMM_ROUTE!r}")
+    if GEMM_ROUTE != "auto":
+        return GEMM_ROUTE
+    # The interpreter runs the fused kernels at every size: they are the ones to test.
+    threshold = DEQUANT_MIN_ROWS_DX if dx else DEQUANT_MIN_ROWS
+    return "dequant" if rows >= threshold and not target.interpret else "fused"
+
+
 def _options(tiles: Tiles) -> dict:
     # No fused multiply-add: the nested absmax must be code * scale + offset with two roundings,
     # exactly as bitsandbytes computes it.
@@ -129,6 +163,14 @@ def _check_dtype(x: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------ skinny GEMMs
+def _k_splits(k: int, block_k: int, programs: int, target: Target) -> tuple[int, int]:
+    """(splits, columns per split) for a skinny GEMM of ``programs`` programs before splitting K:
+    enough splits for two programs per SM (264 on 132 SMs), each a whole number of BLOCK_K steps."""
+    want = triton.cdiv(2 * target.num_sms, programs)
+    per_split = max(block_k, (k // max(1, want)) // block_k * block_k)
+    return triton.cdiv(k, per_split), per_split
+
+
 def lora_down(
     x0: torch.Tensor,
     x1: torch.Tensor | None,
@@ -143,31 +185,44 @@ def lora_down(
     adapter tensor whose dtype sets the products' precision."""
     m, k = x0.shape
     r = a.shape[0]
-    s0 = torch.empty((m, r), device=x0.device, dtype=torch.float32)
-    s1 = None if x1 is None else torch.empty_like(s0)
+    streams = 1 if x1 is None else 2
+    target = _target(x0.device, target)
+    # 16-row tiles where rows are few (decode), 64 otherwise; at most 64-deep K steps keep an
+    # fp32 (3xTF32) tile within registers. K is split until the launch has two programs per SM:
+    # one program walking all of K for 1 to 64 rows left 130 SMs idle. Few rows also take
+    # shallower K steps, or K = 4096 would give at most 64 splits (M = 16, one stream: 256 with
+    # 16-deep steps).
+    block_m = 16 if target.interpret or m <= 16 else 64
+    m_tiles = triton.cdiv(m, block_m) if m else 1
+    block_k = 32 if target.interpret else next(
+        (bk for bk in (64, 32) if m_tiles * streams * triton.cdiv(k, bk) >= 2 * target.num_sms), 16)
+    splits, per_split = _k_splits(k, block_k, m_tiles * streams, target)
+    # One buffer per stream: the custom op's outputs must not share storage.
+    out = [torch.empty((splits, m, r), device=x0.device, dtype=torch.float32) for _ in range(streams)]
     if m == 0:
-        return s0, s1
+        return out[0][0], (out[1][0] if streams == 2 else None)
     dropout = dropout_p > 0.0
-    mask0 = _as_u8(masks[0], s0.view(torch.uint8))
+    mask0 = _as_u8(masks[0], out[0].view(torch.uint8))
     mask1 = _as_u8(masks[1], mask0)
     x1_ = x0 if x1 is None else x1
-    target = _target(x0.device, target)
-    block_m, block_k = (16, 128) if target.interpret else (64, 128)
     submit(Launch(
         lora_down_kernel,
-        (triton.cdiv(m, block_m), 1 if x1 is None else 2),
+        (m_tiles, streams, splits),
         (
             x0, *_strides(x0), x1_, *_strides(x1_),
             mask0, *_strides(mask0), mask1, *_strides(mask1),
             a, a.stride(0), a.stride(1),
-            s0, s0 if s1 is None else s1, s0.stride(0),
-            _keep_scale(dropout_p), out_scale, m, k, r,
+            out[0], out[-1], out[0].stride(0), out[0].stride(1),
+            _keep_scale(dropout_p), out_scale, m, k, r, per_split,
         ),
         dict(DROPOUT=dropout, LORA_DTYPE=_lora_dtype(a), INTERPRET=target.interpret,
              BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(r)),
         dict(num_warps=4),
     ))  # fmt: skip
-    return s0, s1
+    # The splits' partial sums are added in a fixed order (no atomics): the result does not
+    # depend on scheduling.
+    s = [o[0] if splits == 1 else o.sum(dim=0) for o in out]
+    return s[0], (s[1] if streams == 2 else None)
 
 
 def lora_reduce(
@@ -188,7 +243,17 @@ def lora_reduce(
     if m == 0:
         return torch.zeros((r, c), device=x0.device, dtype=torch.float32)
     target = _target(x0.device, target)
-    block_m, block_c = (16, 32) if target.interpret else (64, 128)
+    if target.interpret:
+        block_m, block_c = 16, 32
+    else:
+        # Row tiles no taller than the rows; column tiles narrow enough for two programs per SM
+        # where the rows give few splits (M = 16: 4096 / 16 = 256 programs, not 32), and at most
+        # 64 wide with fp32 products: a 64 x 128 3xTF32 tile spilled 132-160 B (static report).
+        block_m = 16 if m <= 16 else (32 if m <= 64 else 64)
+        widest = 64 if lora_dtype == torch.float32 else 128
+        max_splits = triton.cdiv(m, block_m)
+        block_c = next((bc for bc in (128, 64, 32) if bc <= widest and triton.cdiv(c, bc) * max_splits
+                        >= 2 * target.num_sms), 16)  # fmt: skip
     tiles_c = triton.cdiv(c, block_c)
     # Enough row splits to give every SM a few programs; each split writes its own partial sum,
     # so the result does not depend on scheduling (no atomics).
@@ -218,6 +283,98 @@ def lora_reduce(
     return partial.sum(dim=0)
 
 
+def lora_up(
+    y: torch.Tensor,
+    l: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    out_scale: float = 1.0,
+    target: Target | None = None,
+) -> None:
+    """y += out_scale * drop(l u) in place: y [M, C] (its dtype), l fp32 [M, R], u [R, C] (any
+    strides), an adapter tensor whose dtype sets the products' precision; ``mask`` [M, C]."""
+    m, c = y.shape
+    r = l.shape[1]
+    if m == 0:
+        return
+    target = _target(y.device, target)
+    block_m, block_c = (16, 32) if target.interpret else (64, 128)
+    mask_ = _as_u8(mask, l.view(torch.uint8))
+    submit(Launch(
+        lora_up_kernel,
+        (triton.cdiv(m, block_m), triton.cdiv(c, block_c)),
+        (
+            y, *_strides(y), l, l.stride(0), u, u.stride(0), u.stride(1), mask_, *_strides(mask_),
+            _keep_scale(dropout_p), out_scale, m, c, r,
+        ),
+        dict(DROPOUT=dropout_p > 0.0, LORA_DTYPE=_lora_dtype(u), INTERPRET=target.interpret,
+             BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=_block_r(r)),
+        dict(num_warps=4),
+    ))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ the dequant route
+def dequantize(w: NF4Tensors, dtype: torch.dtype, *, target: Target | None = None) -> torch.Tensor:
+    """The NF4 weight as a dense [N, K] tensor in ``dtype`` (values as bitsandbytes' dequantize_4bit)."""
+    n, k = w.out_features, w.in_features
+    out = torch.empty((n, k), device=w.packed.device, dtype=dtype)
+    target = _target(w.packed.device, target)
+    row_blocks = _row_blocks(w)
+    # 32 x 256 tiles: 2,048 programs on a 4096 x 4096 weight (16 waves of 132 SMs at one block
+    # each), 64 weights per thread, each thread's 32 packed bytes in two 16-byte loads.
+    block_n, block_k = (16, 64) if target.interpret else (32, 256)
+    submit(Launch(
+        nf4_dequant_kernel,
+        (triton.cdiv(n, block_n), triton.cdiv(k, block_k)),
+        (*_weight_pointers(w), out, out.stride(0), n, k),
+        dict(LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested, ROW_BLOCKS=row_blocks,
+             INTERPRET=target.interpret, BLOCK_N=block_n, BLOCK_K=block_k),
+        dict(num_warps=4, num_stages=1, enable_fp_fusion=False),
+    ))  # fmt: skip
+    return out
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """out = a b (+ bias) by torch's GEMM (cuBLAS on a GPU): a [m, k], b [k, n] (any strides)."""
+    m, k = a.shape
+    n = b.shape[1]
+
+    def run() -> None:
+        if bias is None:
+            torch.matmul(a, b, out=out)
+        else:
+            torch.addmm(bias.to(a.dtype), a, b, out=out)
+
+    submit(LibraryCall("gemm", m, n, k, a.dtype, run))
+
+
+def _forward_dequantized(call: LoraCall, source_out: bool, target: Target):
+    """The forward on the "dequant" route: s by the skinny kernel, phi in torch, W dequantized
+    once, one cuBLAS GEMM per stream (bias in its epilogue), then the LoRA term in place."""
+    (x, source, w, bias, lora_A, lora_B, scaling, fusion, params, dropout_p, masks, seq_len, source_base,
+     fusion_mask) = call
+    fusion, need_src_s = _fusion_plan(fusion, source is not None)
+    m, n = x.shape[0], w.out_features
+    s_t, s_s = lora_down(x, source if need_src_s else None, lora_A, masks=masks, dropout_p=dropout_p, target=target)
+    if fusion == "none":
+        z = s_t
+    elif is_per_token(fusion):
+        z = fuse(s_s, s_t, fusion)
+    else:
+        z = _sequence_fuse(s_s, s_t, fusion, params, seq_len, fusion_mask)
+    wd = dequantize(w, x.dtype, target=target).t()
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    gemm(x, wd, y, bias)
+    y_s = None
+    if source_out:
+        y_s = torch.empty_like(y)
+        gemm(source if source_base is None else source_base, wd, y_s, bias)
+    lora_up(y, z, lora_B.t(), out_scale=scaling, target=target)
+    return y, y_s, s_t, s_s
+
+
 # ------------------------------------------------------------------------------------ forward
 def forward(
     call: LoraCall, source_out: bool, fuse_down: bool | None = None, *, target: Target | None = None
@@ -232,15 +389,17 @@ def forward(
     _check_dtype(x)
     m, k = x.shape
     n, r = w.out_features, lora_A.shape[0]
-    fusion, need_src_s = _fusion_plan(fusion, source is not None)
     source_out = source_out and source is not None
+    target = _target(x.device, target)
+    if m and gemm_route(m, target) == "dequant":
+        return _forward_dequantized(call, source_out, target)
+    fusion, need_src_s = _fusion_plan(fusion, source is not None)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     y_s = torch.empty((m, n), device=x.device, dtype=x.dtype) if source_out else None
     s_t = torch.empty((m, r), device=x.device, dtype=torch.float32)
     s_s = torch.empty_like(s_t) if need_src_s else None
     if m == 0:
         return y, y_s, s_t, s_s
-    target = _target(x.device, target)
     per_token = is_per_token(fusion)
     # In the base K loop the down-projection must be as cheap as the base tile's dot: same dtype
     # (an fp32 adapter against 16-bit activations runs its fp32 products in their own pass).
@@ -315,7 +474,8 @@ def backward(
     # Per-token phi with dX wanted: dZ = dY B and phi' ride along in the dX kernel's N loop.
     # Otherwise dZ comes from a skinny pass and phi' from torch autograd on the reference phi
     # (sequence-level phi mixes rows, so it needs all of dZ first).
-    fused_dz = per_token and need_dx and lora_B.dtype == dy.dtype
+    dequant = need_dx and gemm_route(m, target, dx=True) == "dequant"
+    fused_dz = per_token and need_dx and lora_B.dtype == dy.dtype and not dequant
     ds_t = torch.empty((m, r), device=x.device, dtype=torch.float32)
     ds_s = torch.empty_like(ds_t) if need_src_s else None
     d_params: list[torch.Tensor] = []
@@ -329,7 +489,11 @@ def backward(
             ds_s.copy_(g_s)
 
     dx = None
-    if need_dx:
+    if dequant:
+        dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
+        gemm(dy, dequantize(w, dy.dtype, target=target), dx)
+        lora_up(dx, ds_t, lora_A, mask=masks[0], dropout_p=dropout_p, target=target)
+    elif need_dx:
         dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
         row_blocks = _row_blocks(w)
         tiles = _gemm_tiles(m, two_streams=False, target=target, row_blocks=row_blocks,

@@ -116,11 +116,28 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
 
 
+@dataclass
+class LibraryCall:
+    """A dense GEMM run by torch (cuBLAS on a GPU) between kernel launches: ``c = a @ b^T``
+    with a [m, k], b [n, k] in ``dtype``. The static report prices it as a dense GEMM; ``fn``
+    runs it."""
+
+    name: str
+    m: int
+    n: int
+    k: int
+    dtype: torch.dtype
+    fn: Any = field(repr=False, compare=False)
+
+    def run(self) -> None:
+        self.fn()
+
+
 # ------------------------------------------------------------------------------------ recording
-_recording: list[list[Launch]] = []
+_recording: list[list[Launch | LibraryCall]] = []
 
 
-def submit(launch: Launch) -> None:
+def submit(launch: Launch | LibraryCall) -> None:
     """Run a launch, or record it when inside ``recording()``."""
     if _recording:
         _recording[-1].append(launch)
@@ -129,9 +146,9 @@ def submit(launch: Launch) -> None:
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[list[Launch]]:
-    """Collect the launches submitted in the block instead of running them."""
-    launches: list[Launch] = []
+def recording() -> Iterator[list[Launch | LibraryCall]]:
+    """Collect the launches (and library calls) submitted in the block instead of running them."""
+    launches: list[Launch | LibraryCall] = []
     _recording.append(launches)
     try:
         yield launches
@@ -221,11 +238,14 @@ class CallSpec:
         )  # fmt: skip
 
 
-def launch_plan(spec: CallSpec, target: Target = HOPPER, *, forward: bool = True, backward: bool = False) -> list[Launch]:
+def launch_plan(spec: CallSpec, target: Target = HOPPER, *, forward: bool = True, backward: bool = False,
+                library: bool = False) -> list:  # fmt: skip
     """The kernel launches of one call of the Triton backend on ``target``, in order.
 
     ``forward``: the forward op (both streams' outputs when ``spec.source_out``); ``backward``:
-    the backward op for ``spec.needs``. Pure: nothing is allocated or run (meta tensors).
+    the backward op for ``spec.needs``; ``library``: keep the ``LibraryCall``s (the large-M
+    route's cuBLAS GEMMs) between the ``Launch``es. Pure: nothing is allocated or run (meta
+    tensors).
     """
     from . import launch  # imports Triton; this module does not
 
@@ -236,7 +256,7 @@ def launch_plan(spec: CallSpec, target: Target = HOPPER, *, forward: bool = True
             launches.clear()
         if backward:
             launch.backward(call, torch.empty_like(y), s_t, s_s, spec.needs, target=target)
-    return list(launches)
+    return [x for x in launches if library or isinstance(x, Launch)]
 
 
 def replace(spec: CallSpec, **changes) -> CallSpec:

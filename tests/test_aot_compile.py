@@ -140,6 +140,9 @@ def test_covering_set_reaches_every_switch(all_specs):
     for switch in ("NESTED", "ROW_BLOCKS", "NEED_SRC_S", "DROPOUT"):
         assert dx(switch) == {True, False}, switch
     assert fwd("LORA") == {1, 2} and dx("LORA") == {1, 2}
+    assert fwd("STACK") == {True, False} and fwd("SPLIT_K") == {True, False}
+    epilogue = {json.loads(v) for v in seen[("flare_fwd_splitk_epilogue_kernel", "LORA")]}
+    assert epilogue == {1, 2}
     assert fwd("LORA_DTYPE") == {"tl.bfloat16", "tl.float16", "tl.float32"}
     assert {s.signature["xt_ptr"] for s in all_specs if s.name == "flare_fwd_kernel"} == {"*bf16", "*fp16", "*fp32"}
     assert fwd("M") == {1}  # M = 1 became a constant somewhere; elsewhere M is a runtime i32

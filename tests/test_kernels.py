@@ -83,6 +83,34 @@ def test_dequant_route_matches_reference(case, device, monkeypatch):
     check_against_reference(case, device)
 
 
+SPLIT_CASES = [
+    BASE,
+    dataclasses.replace(BASE, m=1, dtype=torch.bfloat16),
+    dataclasses.replace(BASE, fusion="mul", dropout=0.2, bias=False),
+    dataclasses.replace(BASE, fusion="none", source=False),
+    dataclasses.replace(BASE, fusion="cross_attention", m=24, seq=8, dtype=torch.bfloat16, adapter=torch.float32),
+    dataclasses.replace(BASE, k=160, blocksize=128, dtype=torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.id)
+def test_split_k_forward_matches_reference(case, device, monkeypatch):
+    """The decode forward split over K (partial sums, then the epilogue kernel), forced at small
+    shapes by asking for many programs per SM; the fused down-projection and the precomputed one."""
+    monkeypatch.setattr(launch, "SPLIT_PROGRAMS_PER_SM", 64)
+    for fuse_down in (True, False):
+        monkeypatch.setattr(launch, "FUSE_DOWN_DEFAULT", fuse_down)
+        check_against_reference(case, device)
+
+
+@pytest.mark.parametrize("case", [BASE, dataclasses.replace(BASE, fusion="mul", dropout=0.2, dtype=torch.bfloat16)],
+                         ids=lambda c: c.id)
+def test_unstacked_streams_match_reference(case, device, monkeypatch):
+    """Two streams as two MMAs (the large tiles' layout; the interpreter's 16-row tiles stack)."""
+    monkeypatch.setattr(launch, "STACK_STREAMS", False)
+    check_against_reference(case, device)
+
+
 def test_dequantized_weight_is_bit_exact(device):
     """The dense buffer the large-M route multiplies holds bitsandbytes' values exactly."""
     from flare_kernels.format.nf4 import quantize_nf4

@@ -164,10 +164,11 @@ def test_describe_launch_counts_the_ops_flops():
     from flare_kernels.ops.plan import HOPPER, CallSpec, launch_plan
 
     shape = SHAPES["llama3.1-8b.q"]
-    call = CallSpec(m=64, k=shape.k, n=shape.n, r=16, adapter_dtype=torch.bfloat16)
+    # 96 rows: the one-pass fused forward (decode sizes split K; 128 rows and up take the dequant route)
+    call = CallSpec(m=96, k=shape.k, n=shape.n, r=16, adapter_dtype=torch.bfloat16)
     [fwd] = launch_plan(call, HOPPER)
     work = describe_launch(fwd)
-    assert work["flops"] == counts.flops(Case("flare_add_relu", shape, 16, 64, "fwd"))
+    assert work["flops"] == counts.flops(Case("flare_add_relu", shape, 16, 96, "fwd"))
     assert work["per_pass"] == fwd.constexprs["BLOCK_N"] * fwd.constexprs["BLOCK_K"] and not work["per_elem"]
     assert work["iterations"] == math.ceil(shape.k / fwd.constexprs["BLOCK_K"])
     down = next(ln for ln in launch_plan(CallSpec(m=64, k=shape.k, n=shape.n, adapter_dtype=torch.float32), HOPPER)

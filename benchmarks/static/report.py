@@ -181,8 +181,18 @@ def describe_launch(launch) -> dict[str, Any]:
         if c["LORA"] == 2:
             moved += r * k * ad
             flops += 2 * s_rows * m * k * r
-        return dict(per_pass=c["BLOCK_N"] * c["BLOCK_K"], per_elem=False, iterations=math.ceil(k / c["BLOCK_K"]),
-                    flops=flops, bytes=moved)  # fmt: skip
+        splits = launch.grid[1] if len(launch.grid) > 1 else 1
+        if c.get("SPLIT_K"):  # fp32 partials written instead of the outputs (read back by the epilogue)
+            moved += splits * m * n * 4 * s_out - m * n * act * s_out
+        return dict(per_pass=c["BLOCK_N"] * c["BLOCK_K"], per_elem=False,
+                    iterations=math.ceil(min(k, a["k_per_split"]) / c["BLOCK_K"]), flops=flops, bytes=moved)  # fmt: skip
+    if name == "flare_fwd_splitk_epilogue_kernel":
+        m, n, r, splits = a["M"], a["N"], a["R"], a["splits"]
+        s_out = 2 if c["SOURCE_OUT"] else 1
+        act = _itemsize(a["yt_ptr"].dtype)
+        moved = splits * m * n * 4 * s_out + m * n * act * s_out + n * r * _itemsize(a["b_ptr"].dtype)
+        return dict(per_pass=c["BLOCK_M"] * c["BLOCK_N"], per_elem=True, iterations=splits,
+                    flops=2 * m * r * n, bytes=moved)  # fmt: skip
     if name == "flare_dx_kernel":
         m, n, k, r = a["M"], a["N"], a["K"], a["R"]
         act, ad = _itemsize(a["dy_ptr"].dtype), _itemsize(a["a_ptr"].dtype)
@@ -213,8 +223,10 @@ def describe_launch(launch) -> dict[str, Any]:
         m, k, r = a["M"], a["K"], a["R"]
         streams = launch.grid[1] if len(launch.grid) > 1 else 1
         act, ad = _itemsize(a["x0_ptr"].dtype), _itemsize(a["a_ptr"].dtype)
-        return dict(per_pass=c["BLOCK_M"] * c["BLOCK_K"], per_elem=True, iterations=math.ceil(k / c["BLOCK_K"]),
-                    flops=streams * 2 * m * k * r, bytes=streams * (m * k * act + m * r * 4) + r * k * ad)  # fmt: skip
+        splits = launch.grid[2] if len(launch.grid) > 2 else 1
+        return dict(per_pass=c["BLOCK_M"] * c["BLOCK_K"], per_elem=True,
+                    iterations=math.ceil(min(k, a["k_per_split"]) / c["BLOCK_K"]), flops=streams * 2 * m * k * r,
+                    bytes=streams * (m * k * act + splits * m * r * 4) + r * k * ad)  # fmt: skip
     if name == "lora_reduce_kernel":
         m, ch, r = a["M"], a["C"], a["R"]
         streams = 2 if c["TWO_STREAMS"] else 1

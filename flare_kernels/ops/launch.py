@@ -16,8 +16,8 @@ import triton.language as tl
 
 from ..format.nf4 import NF4Tensors
 from ..kernels import (
-    INTERPRETED, flare_dx_kernel, flare_fwd_kernel, lora_down_kernel, lora_reduce_kernel, lora_up_kernel,
-    nf4_dequant_kernel,
+    INTERPRETED, flare_dx_kernel, flare_fwd_kernel, flare_fwd_splitk_epilogue_kernel, lora_down_kernel,
+    lora_reduce_kernel, lora_up_kernel, nf4_dequant_kernel,
 )  # fmt: skip
 from ..reference.fusion import FUSIONS, fuse, is_per_token
 from .fusion_glue import Grads, LoraCall, rank_r_backward, zero_grads
@@ -27,11 +27,37 @@ from .fusion_glue import sequence_fuse as _sequence_fuse
 from .plan import LibraryCall, Launch, Target, submit
 
 
-def _weight_pointers(w: NF4Tensors) -> tuple[torch.Tensor, ...]:
+_CODE_PAIRS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """[256] int64: packed byte b -> the fp32 pair (code[b >> 4], code[b & 15]) (the first weight
+    of the byte, in its high nibble, in the low half): the per-row dequantization's lookup table
+    (``nf4_rows``: one 8-byte gather per two weights).
+
+    Built once per 16-entry code tensor and kept with it (bitsandbytes shares one code per
+    device; a weight of ours has its own: 2 KiB each, 448 KiB for the 224 projections of Llama
+    3.1 8B). The key holds the code tensor itself, so its address cannot be reused while cached,
+    and its version counter, so an in-place change builds a new table.
+    """
+    if code.device.type == "meta":
+        return torch.empty((256,), dtype=torch.int64, device=code.device)
+    key = (code.data_ptr(), code.device, code._version)
+    hit = _CODE_PAIRS.get(key)
+    if hit is None:
+        c = code.float()
+        pairs = torch.stack((c.repeat_interleave(16), c.repeat(16)), dim=1).contiguous()
+        hit = _CODE_PAIRS[key] = (code, pairs.view(torch.int64).view(256))
+    return hit[1]
+
+
+def _weight_pointers(w: NF4Tensors, row_blocks: bool) -> tuple[torch.Tensor, ...]:
+    # The per-row path (row_blocks) reads the code through its byte-pair table.
+    code = code_pairs(w.code) if row_blocks else w.code
     # Unused nested slots get a real tensor: the kernels never read them (NESTED is constexpr).
     if w.nested:
-        return (w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.nested_offset)
-    return (w.packed, w.absmax, w.code, w.code, w.code, w.code)
+        return (w.packed, w.absmax, code, w.nested_absmax, w.nested_code, w.nested_offset)
+    return (w.packed, w.absmax, code, w.code, w.code, w.code)
 
 
 class Tiles(NamedTuple):
@@ -68,6 +94,7 @@ FUSE_DOWN_DEFAULT = os.environ.get("FLARE_KERNELS_FUSE_DOWN", "1") != "0"
 #   backward M = 256: 21 / 18 against 26 / 26;  M = 512: 42 / 37 against 40 / 40;
 #           M = 1024: 85 / 73 against 67 / 68.
 # FLARE_KERNELS_GEMM_ROUTE=fused|dequant forces a route (benchmarks, tests).
+STACK_STREAMS = True
 GEMM_ROUTE = os.environ.get("FLARE_KERNELS_GEMM_ROUTE", "auto")
 GEMM_ROUTES = ("auto", "fused", "dequant")
 DEQUANT_MIN_ROWS = 128
@@ -100,12 +127,13 @@ def _gemm_tiles(rows: int, two_streams: bool, target: Target, row_blocks: bool =
     if target.interpret:
         return _INTERPRETER_TILES
     if rows <= 16:
-        # 32-wide N tiles: 128 programs on a 4096-wide layer instead of 64 (half of 132 SMs idle),
-        # 128-deep K steps to amortize the activation loads. Static report, sm_90, 4096 x 4096,
-        # M = 16, two streams, bf16 adapters: 0.88 / 1.02 warp-instructions per weight (triton 3.6
-        # / 3.9), no spills, 15 / 17 us predicted on an H200, against 16 x 64 x 64: 24.5 / 32.7 us
-        # with spills. 2 warps or 16-wide tiles issue fewer instructions but spill on 3.6.
-        return Tiles(16, 32, 128, 4, 4)
+        # One warp per program, 16 x 32 x 64 tiles, split over K (forward) to 512 programs on a
+        # 4096 x 4096 layer: the two streams stack into one 32-row MMA with no warp repeating
+        # another's tensor work (forward.py, STACK). Static report, sm_90, M = 16, two streams,
+        # fp32 adapters, H200 (triton 3.6 / 3.9): 0.30 / 0.29 warp-instructions per weight,
+        # 8.1 / 7.9 us (against 16 x 32 x 128 at 4 warps unstacked and unsplit: 1.02 / 0.88 and
+        # 15 / 17 us); 2 warps: 0.36 / 0.41; 4 warps 128 deep: 0.44 / 0.46.
+        return Tiles(16, 32, 64, 1, 4)
     if rows <= 64:
         return Tiles(32 if two_streams else 64, 64, 64, 4, 4)
     if wide:
@@ -143,7 +171,10 @@ def _row_blocks(w: NF4Tensors) -> bool:
             f"the Triton kernels index NF4 weights with 32-bit offsets: {w.out_features} x {w.in_features} "
             "is 2**32 values or more; split the projection"
         )
-    return w.in_features % w.blocksize == 0
+    # 32-bit words of packed bytes per row: rows start on 4-byte boundaries (K % 8 == 0 follows
+    # from K % BS == 0 for every blocksize bitsandbytes allows, 32 and up) and so must the buffer
+    # (a view into a bf16 quant_storage parameter may start anywhere).
+    return w.in_features % w.blocksize == 0 and w.in_features % 8 == 0 and w.packed.data_ptr() % 4 == 0
 
 
 def _as_u8(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
@@ -163,10 +194,17 @@ def _check_dtype(x: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------ skinny GEMMs
+# Programs per SM that a launch split over K aims for (two: 264 on 132 SMs; the tests raise it to
+# reach the split paths at small shapes).
+SPLIT_PROGRAMS_PER_SM = 2
+
+
 def _k_splits(k: int, block_k: int, programs: int, target: Target) -> tuple[int, int]:
-    """(splits, columns per split) for a skinny GEMM of ``programs`` programs before splitting K:
-    enough splits for two programs per SM (264 on 132 SMs), each a whole number of BLOCK_K steps."""
-    want = triton.cdiv(2 * target.num_sms, programs)
+    """(splits, columns per split) for a launch of ``programs`` programs before splitting K:
+    enough splits for SPLIT_PROGRAMS_PER_SM programs per SM, each a whole number of BLOCK_K steps."""
+    want = triton.cdiv(SPLIT_PROGRAMS_PER_SM * target.num_sms, programs)
+    if want <= 1:
+        return 1, k
     per_split = max(block_k, (k // max(1, want)) // block_k * block_k)
     return triton.cdiv(k, per_split), per_split
 
@@ -248,12 +286,11 @@ def lora_reduce(
     else:
         # Row tiles no taller than the rows; column tiles narrow enough for two programs per SM
         # where the rows give few splits (M = 16: 4096 / 16 = 256 programs, not 32), and at most
-        # 64 wide with fp32 products: a 64 x 128 3xTF32 tile spilled 132-160 B (static report).
+        # 64 wide: a 64 x 128 tile spilled 132-160 B with fp32 (3xTF32) products and 4 B with
+        # bf16 ones under triton 3.9 (static report).
         block_m = 16 if m <= 16 else (32 if m <= 64 else 64)
-        widest = 64 if lora_dtype == torch.float32 else 128
         max_splits = triton.cdiv(m, block_m)
-        block_c = next((bc for bc in (128, 64, 32) if bc <= widest and triton.cdiv(c, bc) * max_splits
-                        >= 2 * target.num_sms), 16)  # fmt: skip
+        block_c = next((bc for bc in (64, 32) if triton.cdiv(c, bc) * max_splits >= 2 * target.num_sms), 16)
     tiles_c = triton.cdiv(c, block_c)
     # Enough row splits to give every SM a few programs; each split writes its own partial sum,
     # so the result does not depend on scheduling (no atomics).
@@ -328,7 +365,7 @@ def dequantize(w: NF4Tensors, dtype: torch.dtype, *, target: Target | None = Non
     submit(Launch(
         nf4_dequant_kernel,
         (triton.cdiv(n, block_n), triton.cdiv(k, block_k)),
-        (*_weight_pointers(w), out, out.stride(0), n, k),
+        (*_weight_pointers(w, row_blocks), out, out.stride(0), n, k),
         dict(LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested, ROW_BLOCKS=row_blocks,
              INTERPRET=target.interpret, BLOCK_N=block_n, BLOCK_K=block_k),
         dict(num_warps=4, num_stages=1, enable_fp_fusion=False),
@@ -422,33 +459,85 @@ def forward(
     mask_t = _as_u8(masks[0], s_t.view(torch.uint8))
     mask_s = _as_u8(masks[1], mask_t)
     xs = x if source is None else (source if source_base is None else source_base)
+    # Both streams' rows in one MMA (kernels/forward.py, STACK) where the base products of both
+    # are wanted and a stacked tile is at most 64 rows.
+    stack = STACK_STREAMS and source_out and tiles.block_m <= 32
+    programs = triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
+    # Decode sizes split K until the launch has two programs per SM (a 4096-wide layer has 128
+    # 32-wide N tiles: 4 SMs idle, and a second program per SM to hide latency); the splits'
+    # partial sums go to fp32 workspaces and a second kernel adds them in order.
+    splits, per_split = _k_splits(k, tiles.block_k, programs, target) if m <= 64 else (1, k)
+    lora = 2 if fuse_down else 1
+    s_in_t, s_in_s = (s_t if z is None else z), (s_t if s_s is None else s_s)
+    if splits > 1:
+        # Contiguous [splits, M, N]: rows are n apart, as in y.
+        part_t = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
+        part_s = torch.empty_like(part_t) if source_out else part_t
+        q_t = torch.empty((splits, m, r), device=x.device, dtype=torch.float32) if lora == 2 else s_in_t
+        q_s = (torch.empty_like(q_t) if need_src_s else q_t) if lora == 2 else s_in_s
+        outs, s_ptrs = (part_t, part_s), (q_t, q_s)
+    else:
+        outs, s_ptrs = (y, y if y_s is None else y_s), (s_in_t, s_in_s)
     submit(Launch(
         flare_fwd_kernel,
-        (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),),
+        (programs, splits),
         (
             x, *_strides(x), xs, *_strides(xs),
-            y, *_strides(y), y if y_s is None else y_s, *_strides(y),
-            *_weight_pointers(w), y if bias is None else bias,
+            outs[0], *_strides(y), outs[1], *_strides(y),
+            *_weight_pointers(w, row_blocks), y if bias is None else bias,
             lora_A, lora_A.stride(0), lora_A.stride(1),
             lora_B, lora_B.stride(0), lora_B.stride(1),
-            s_t if z is None else z, s_t if s_s is None else s_s, r,
+            *s_ptrs, r,
             mask_t, *_strides(mask_t), mask_s, *_strides(mask_s),
             _keep_scale(dropout_p), scaling,
             m, n, k, r,
+            per_split, m * n, m * r,
         ),
         dict(
             LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
             ROW_BLOCKS=row_blocks,
             HAS_BIAS=bias is not None, SOURCE_OUT=source_out,
-            LORA=2 if fuse_down else 1, FUSION=FUSIONS.index(fusion) if z is None else 0,
+            LORA=lora, FUSION=FUSIONS.index(fusion) if z is None else 0,
             NEED_SRC_S=need_src_s and z is None, DROPOUT=dropout and fuse_down,
-            LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=target.interpret,
+            LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=target.interpret, STACK=stack, SPLIT_K=splits > 1,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
             GROUP_M=GROUP_M,
         ),
         _options(tiles),
     ))  # fmt: skip
+    if splits > 1:
+        s_fin = (s_t, s_t if s_s is None else s_s) if lora == 2 else s_ptrs
+        _splitk_epilogue(outs, s_ptrs, s_fin, y, y_s, bias, lora_B, scaling, splits, r, target, dict(
+            LORA=lora, FUSION=FUSIONS.index(fusion) if z is None else 0, NEED_SRC_S=need_src_s and z is None,
+            LORA_DTYPE=_lora_dtype(lora_A),
+        ))  # fmt: skip
     return y, y_s, s_t, s_s
+
+
+def _splitk_epilogue(parts, s_parts, s_fin, y, y_s, bias, lora_B, scaling, splits: int, r: int, target: Target,
+                     lora_switches: dict) -> None:  # fmt: skip
+    """The split-K forward's second kernel: the partial sums (``parts``; with LORA 2 also
+    ``s_parts``, written to ``s_fin``) added in order, then the LoRA term and the bias."""
+    m, n = y.shape
+    block_m = 16 if m <= 16 else 32
+    m_tiles = triton.cdiv(m, block_m)
+    # Narrow N tiles where rows are few: two programs per SM (M = 16: 4096 / 16 = 256).
+    block_n = next((bn for bn in (128, 64, 32) if m_tiles * triton.cdiv(n, bn) >= 2 * target.num_sms), 16)
+    submit(Launch(
+        flare_fwd_splitk_epilogue_kernel,
+        (m_tiles, triton.cdiv(n, block_n)),
+        (
+            parts[0], parts[1], n, m * n,
+            s_parts[0], s_parts[1], m * r,
+            s_fin[0], s_fin[1], r,
+            y, *_strides(y), y if y_s is None else y_s, *_strides(y),
+            y if bias is None else bias, lora_B, lora_B.stride(0), lora_B.stride(1), scaling,
+            m, n, r, splits,
+        ),
+        dict(HAS_BIAS=bias is not None, SOURCE_OUT=y_s is not None, **lora_switches, INTERPRET=target.interpret,
+             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(r)),
+        dict(num_warps=1),
+    ))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ backward
@@ -503,7 +592,7 @@ def backward(
             # on a 4096-wide layer (the forward's 128-deep tiles gave 32). Static report, sm_90,
             # M = 16, bf16 adapters: no spills, 12 / 15 us predicted on an H200 (triton 3.6 /
             # 3.9) against 39 / 49 us; 128-deep N steps spill 40 B on 3.9.
-            tiles = tiles._replace(block_n=64, block_k=32)
+            tiles = Tiles(16, 64, 32, 4, 4)
         mask_t = _as_u8(masks[0], ds_t.view(torch.uint8))
         # The dX tile is [BLOCK_M, BLOCK_K]; the N loop steps by BLOCK_N.
         submit(Launch(
@@ -511,7 +600,7 @@ def backward(
             (triton.cdiv(m, tiles.block_m) * triton.cdiv(k, tiles.block_k),),
             (
                 dy, *_strides(dy), dx, *_strides(dx),
-                *_weight_pointers(w),
+                *_weight_pointers(w, row_blocks),
                 lora_A, lora_A.stride(0), lora_A.stride(1),
                 lora_B, lora_B.stride(0), lora_B.stride(1),
                 s_t, s_t if s_s is None else s_s, ds_t, ds_t if ds_s is None else ds_s, r,

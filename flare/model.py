@@ -3,12 +3,16 @@
     model = get_flare_model(hf_model, FlareConfig(fusion="add_relu"))
     out = model(input_ids, attention_mask, source_input_ids=en_ids, source_attention_mask=en_mask, labels=labels)
 
-One batch ``[source rows; target rows]`` runs through the stock transformers layers, so every
-projection reads its (4-bit) weights once for both streams. At fusion projections the target rows
-fuse, position by position, with the aligned source rows; elsewhere they get plain LoRA; the
-source rows always get the frozen base model (adapters off, no grad). The model's head and loss
-see the target rows only. Without a source the model is plain (Q)LoRA. ``flare.modeling.two_pass``
-holds the two-pass definition this is tested against.
+At fusion projections the target stream fuses, position by position, with the aligned source
+stream; elsewhere it gets plain LoRA; the source stream always gets the frozen base model
+(adapters off, no grad). The model's head and loss see the target rows only. Without a source the
+model is plain (Q)LoRA. Two paths compute this (``flare.modeling.two_pass`` holds the two-pass
+definition both are tested against):
+
+* with gradients enabled (training): a no-grad source pass that keeps only what the fusions read,
+  then the target pass alone (``flare.modeling.source_pass``);
+* without (evaluation, decoding): one batch ``[source rows; target rows]`` through the stock
+  transformers layers, so every projection reads its (4-bit) weights once for both streams.
 
 Conventions:
 * Positions are fused one to one: both streams are padded to the same length, on the left for
@@ -17,9 +21,8 @@ Conventions:
 * Sequence-level fusions (matmul, matmul_relu, cross_attention) mix all positions of a sequence,
   future and padded ones included: in a decoder they are not causal (a warning says so) and
   ``generate`` refuses them; the per-token ones (add, mul, add_relu) are causal.
-* Cost: the projections compute no backward for the source rows, but the other stock layers
-  (attention, norms, activations) run their backward over all 2B rows (zeros for the source) and
-  keep the source rows' activations for it, unless gradient checkpointing is on.
+* Cost in training: the source stream does no backward work, stores one tensor per fused block
+  and is not recomputed under gradient checkpointing (numbers in ``forward``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .modeling.backbone import BackboneHooks
 from .modeling.context import Owner, TwoStreams, activate, install_checkpoint_wrappers
 from .modeling.inputs import align_streams, check_length, check_streams, is_decoder_model, model_max_length
 from .modeling.projection import PROJECTION_TYPES, FlareProjection4bit, FlareProjectionDense
+from .modeling.source_pass import CapturedSource, run_source_pass
 from .modeling.targets import Targets, resolve_targets
 from .modeling.trainable_copy import TrainableCopy
 
@@ -99,6 +103,8 @@ class FlareModel(nn.Module):
             [modules[b] for b in t.blocks],
             capture_residuals=cfg.fuses and cfg.source_site == "residual",
         )
+        self._fusion_paths = frozenset(t.fusion)
+        self._fusion_blocks = frozenset(t.adapted[p] for p in t.fusion)
         # Modules transformers may give a checkpoint function (GradientCheckpointingLayer and models).
         self._checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         forward_params = inspect.signature(model.forward).parameters
@@ -199,8 +205,39 @@ class FlareModel(nn.Module):
                     "decode with FlareModel.generate"
                 )
             kwargs["use_cache"] = False
+        if torch.is_grad_enabled():
+            # A backward may follow: the source stream as its own no-grad pass (source_pass.py).
+            # Measured (benchmarks/e2e.py, 8B-shaped/8, 2 layers, 4 x 64 tokens per stream, AVX2
+            # EPYC, 1 thread, the two paths A/B in one session): step 1.24x plain QLoRA's against
+            # 1.34x for the one batch (checkpointing on: 1.03x against 1.49x); memory by tensor
+            # count 1.02x against 1.61x (on: 1.03x against 1.47x). Reading each 4-bit weight twice
+            # costs nothing visible at 256 rows, nor at 1 x 16 (CPU time 101 ms against 106 for the
+            # one batch; 157 against 167 with checkpointing).
+            # Under no_grad the one batch stays: with no backward or saved activations to spare, it
+            # wins where weight reads weigh (1 x 16 tokens: 38 against 40 ms), as in decoding. (At
+            # 4 x 64 the split's early stop wins on this 2-layer model, 330 against 385 ms; it would
+            # save under 1/32 of a 32-layer forward.)
+            captured = self.capture_source(streams, kwargs)
+            with activate(self._owner, captured=captured):
+                return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         with activate(self._owner, streams=streams):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def capture_source(self, streams: TwoStreams, extra: dict | None = None) -> CapturedSource:
+        """The training path's source pass over ``streams``' (aligned) source batch: the frozen base
+        backbone under no_grad, returning what the fusion projections read (see ``source_pass``)."""
+        t = self.targets
+        backbone = self.base_model.get_submodule(t.backbone) if t.backbone else self.base_model
+        capture = CapturedSource(
+            site=self.config.source_site,
+            source_attention_mask=streams.source_attention_mask,
+            target_attention_mask=streams.target_attention_mask,
+            fusion_paths=self._fusion_paths,
+            fusion_blocks=self._fusion_blocks,
+        )
+        return run_source_pass(
+            self._owner, backbone, capture, streams.source_input_ids, streams.source_attention_mask, extra or {}
+        )
 
     def generate(
         self,

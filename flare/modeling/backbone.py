@@ -125,13 +125,19 @@ class ResidualCapture:
         self.index = index
 
     def __call__(self, module, args, kwargs):
-        streams = self.hooks._streams()
-        if streams is None or streams.site != "residual":
+        ctx = current(self.hooks.owner)
+        captured = None if ctx is None else ctx.captured
+        recording = captured is not None and captured.recording
+        streams = None if ctx is None else ctx.streams
+        if not recording and (streams is None or streams.site != "residual"):
             return
         hidden = args[0] if args else kwargs.get("hidden_states")
         if hidden is None:
             raise RuntimeError(
                 f"block {self.index}: cannot find its hidden_states input to capture the residual stream"
             )
+        if recording:  # the training path's source pass (source_pass.py); may stop the pass here
+            captured.record_residual(self.index, hidden)
+            return
         # The source stream is frozen: its residual stream enters the fusion without grad.
         streams.residuals[self.index] = hidden[: streams.n_source].detach()

@@ -66,8 +66,12 @@ class TwoStreams:
 
 @dataclass(frozen=True)
 class FlareContext:
+    """streams: the one-batch layout; captured: the training path's source records
+    (``source_pass.CapturedSource``, recording in the source pass, read in the target pass)."""
+
     streams: TwoStreams | None = None
     adapters_off: bool = False
+    captured: object | None = None
 
 
 _EMPTY: Mapping[Owner, FlareContext] = {}
@@ -80,12 +84,15 @@ def current(owner: Owner) -> FlareContext | None:
 
 
 @contextlib.contextmanager
-def activate(owner: Owner, *, streams: TwoStreams | None | type(...) = ..., adapters_off: bool | None = None):
+def activate(owner: Owner, *, streams: TwoStreams | None | type(...) = ..., adapters_off: bool | None = None,
+             captured: object | None | type(...) = ...):  # fmt: skip
     """Set (parts of) ``owner``'s context for a block; unspecified parts keep their current value."""
     old = _ACTIVE.get()
     ctx = old.get(owner, FlareContext())
     if streams is not ...:
         ctx = replace(ctx, streams=streams)
+    if captured is not ...:
+        ctx = replace(ctx, captured=captured)
     if adapters_off is not None:
         ctx = replace(ctx, adapters_off=adapters_off)
     token = _ACTIVE.set({**old, owner: ctx})

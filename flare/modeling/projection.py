@@ -91,8 +91,13 @@ class StreamRouting:
             if not in_backward():
                 self._last_two_stream = False
             return self.layer_forward(x)
+        captured = ctx.captured
+        if captured is not None and captured.recording:
+            return self._record_source(x, captured)
         if ctx.adapters_off:
             return self.base_forward(x)
+        if captured is not None:
+            return self._fuse_captured(x, captured)
         streams = ctx.streams
         if streams is None:
             return self.layer_forward(x)
@@ -134,6 +139,22 @@ class StreamRouting:
                 fusion_mask=fusion_mask,
             )  # fmt: skip
         return torch.cat([y_s, y_t.to(y_s.dtype)], dim=0)
+
+    def _record_source(self, x: torch.Tensor, captured) -> torch.Tensor:
+        """The training path's source pass (``source_pass``): the frozen base, the fusion input kept."""
+        if self.is_fusion:
+            captured.record_input(self.flare_path, x)  # raises SourceCaptured after the last one
+        return self.base_forward(x)
+
+    def _fuse_captured(self, x: torch.Tensor, captured) -> torch.Tensor:
+        """The training path's target pass: x is the target stream alone; fusions read the records."""
+        if not in_backward():
+            self._last_two_stream = True  # a recomputation must re-enter this context too
+        if not self.is_fusion:
+            return self.layer_forward(x)
+        source = captured.source_for(self.flare_path, self.block_index, x)
+        mask = captured.fusion_mask(x) if self.fusion in SEQUENCE_FUSIONS else None
+        return self.layer_forward(x, source, fusion_mask=mask)
 
 
 class FlareProjection4bit(StreamRouting, FlareLinear4bit):

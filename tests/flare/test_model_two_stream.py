@@ -1,17 +1,18 @@
-"""The one-batch two-stream forward equals the two-pass definition: losses, outputs and gradients.
+"""FlareModel's two-stream forward equals the two-pass definition: losses, outputs and gradients.
 
-The one-batch path (FlareModel: [source; target] rows through the stock layers, the fused op per
-projection, backbone hooks) and the two-pass definition (flare.modeling.two_pass: a no-grad source
-pass with adapters off recording the fusion inputs, then a target pass whose projections are
-recomputed by flare_kernels' reference) share no batching code. Adapters are randomized (nonzero
-B), and each case also checks the fusion changes the output, so a path that dropped the fusion
-would fail.
+FlareModel's two paths (with grad, training: a no-grad source pass recording the fusion inputs,
+then the target pass alone, ``flare.modeling.source_pass``; without grad: [source; target] rows
+through the stock layers as one batch, the fused op per projection, backbone hooks) and the
+two-pass definition (flare.modeling.two_pass: a no-grad source pass with adapters off recording the
+fusion inputs through hooks, then a target pass whose projections are recomputed by flare_kernels'
+reference) share no code. Adapters are randomized (nonzero B), and each case also checks the
+fusion changes the output, so a path that dropped the fusion would fail.
 
 Two checks per case:
 (A) The formulations, in float64 end to end (a ``.double()`` copy, the op on the reference backend
     with a float64 compute dtype): max error <= 1e-10 x the tensor's scale, plus 1e-10 x the largest
     gradient for gradients that are zero in exact arithmetic (cross_attention's key bias: softmax
-    ignores a per-query constant). Observed ~1e-14.
+    ignores a per-query constant). Observed ~1e-14. The no-grad (one-batch) loss and output too.
 (B) The default backend's fp32 kernels (native CPU kernels when built, Triton on CUDA, else the
     reference) against the float64 two-pass value, by the flash-attention rule: relative error
     (Frobenius norm; for gradients all of them together) <= 2 x the error of the same computation
@@ -92,6 +93,10 @@ def _check_against_two_pass(fm, inputs, *, output_key="logits", **kwargs):
     assert_close_scaled(one64[output_key], exact[output_key], **FP64, name=output_key)
     largest = max(g.abs().max().item() for g in g_exact.values())
     assert_grads_close(g_exact, g_one64, rtol=FP64["rtol"], atol=1e-10 * largest)
+    with use_backend("torch"), torch.no_grad():  # no grad: the one-batch path (evaluation, decoding)
+        batch64 = fm64(ids, mask, sids, smask, **kwargs)
+    assert_close_scaled(batch64.loss, exact.loss, **FP64, name="loss (one batch)")
+    assert_close_scaled(batch64[output_key], exact[output_key], **FP64, name=f"{output_key} (one batch)")
     if dense64:
         one = one64
     else:

@@ -153,7 +153,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace):
     from .train.config import TrainConfig
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "verbose", "debug")}
+    skip = ("command", "config", "func", "verbose", "debug", "distributed")
+    given = {k: v for k, v in vars(args).items() if k not in skip}
     for name in ("languages", "stages", "fusion_modules", "modules_to_save"):
         if name in given:
             given[name] = _parse_list(given[name])
@@ -176,6 +177,8 @@ def _train_config(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     cfg, builtin = _train_config(args)
+    if args.distributed is not None:  # read by flare.train.distributed.init_distributed in every process
+        os.environ["FLARE_DISTRIBUTED"] = args.distributed
     if builtin:
         import torch
 
@@ -382,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
         "not hold another run (--resume continues one, --overwrite replaces it).",
     )
     p.add_argument("--config", help="JSON file of TrainConfig fields (command-line options override it)")
+    p.add_argument(
+        "--distributed", choices=("ddp", "fsdp"), default=None,
+        help="under torchrun / accelerate launch: ddp replicates the model on every process; fsdp shards its "
+        "frozen (4-bit) weights across them, for models one device cannot hold (default: ddp, or fsdp when "
+        "accelerate launch runs with an FSDP config)",
+    )  # fmt: skip
     _add_train_arguments(p)
     _common(p)
     p.set_defaults(func=cmd_train)

@@ -11,16 +11,9 @@ FlareModel in ``DistributedDataParallel``:
   size so the step equals one process on the whole global batch (batching.py).
 * gradient accumulation skips the all-reduce on all but the last micro-batch (``no_sync``).
 
-FSDP for QLoRA (documented, not run or tested here). The usual bitsandbytes route is
-``BitsAndBytesConfig(..., bnb_4bit_quant_storage=torch.bfloat16)``: the packed NF4 bytes then live in
-bf16 ``Params4bit`` parameters that FSDP can flatten and shard together with the bf16 embeddings and
-norms, launched with ``accelerate launch --use_fsdp`` (``fsdp_use_orig_params: true``, so frozen and
-trainable tensors may share a flat parameter; ``fsdp_cpu_ram_efficient_loading: true``). Wrap the
-model with FLARE *before* FSDP. Caveat with FLARE's projections: they hold the NF4 bytes as frozen
-*buffers* (``NF4Weight.from_bnb`` views any quant_storage dtype as uint8 without copying), and FSDP
-shards parameters, not buffers, so each GPU keeps all 4-bit weights (about 3.6 GB for Llama
-3.1 8B: 7.0 B weights at 4.13 bits) and FSDP shards only the unquantized and trainable tensors. An
-8B-9B model fits one GPU in 4 bits, so DDP is the multi-GPU path this package supports and tests.
+``--distributed fsdp`` (``FLARE_DISTRIBUTED=fsdp``, or ``accelerate launch`` with an FSDP config):
+before DDP, the frozen tensors (the NF4 bytes included) are sharded over the processes with FSDP2,
+one all-gather group per decoder block, and DDP then sees only the adapters (see ``fsdp.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +34,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    strategy: str = "ddp"
 
     @property
     def enabled(self) -> bool:
@@ -88,8 +82,22 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def strategy_from_env() -> str:
+    """``FLARE_DISTRIBUTED`` (what ``flare train --distributed`` sets), else FSDP when ``accelerate launch``
+    runs with an FSDP config (it sets ACCELERATE_USE_FSDP), else DDP."""
+    from .fsdp import STRATEGIES
+
+    name = os.environ.get("FLARE_DISTRIBUTED", "").strip().lower()
+    if not name:
+        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else "ddp"
+    if name not in STRATEGIES:
+        raise ValueError(f"FLARE_DISTRIBUTED={name!r}: expected one of {', '.join(STRATEGIES)}")
+    return name
+
+
 def init_distributed(device_name: str = "auto") -> Dist:
     """Join the process group if launched by torchrun / accelerate (WORLD_SIZE > 1)."""
+    strategy = strategy_from_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -99,14 +107,29 @@ def init_distributed(device_name: str = "auto") -> Dist:
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         tdist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=60))
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device, strategy=strategy)
 
 
 def wrap(model, dist: Dist, *, find_unused: bool = False):
-    """The module the training loop calls: DDP around the model when distributed."""
+    """The module the training loop calls: DDP around the model when distributed (its frozen tensors
+    sharded first under ``--distributed fsdp``)."""
     if not dist.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
+
+    if dist.strategy == "fsdp":
+        from .fsdp import is_sharded, resident_bytes, shard
+        from .report import run_log
+
+        if not is_sharded(model):
+            whole = resident_bytes(model)["nf4"]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, shard(model, dist.device, dist.world)
+            )
+            run_log.info(
+                "--distributed fsdp: frozen weights sharded over %d processes; 4-bit weights on rank %d: %.2f of %.2f MB",
+                dist.world, dist.rank, resident_bytes(model)["nf4"] / 1e6, whole / 1e6,
+            )  # fmt: skip
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (the old name warns); 2.11 knows only the old.
@@ -122,6 +145,14 @@ def no_sync(module, skip: bool):
     if skip and hasattr(module, "no_sync"):
         return module.no_sync()
     return contextlib.nullcontext()
+
+
+def gathered(model):
+    """A context in which a model sharded by ``--distributed fsdp`` is whole on every rank, so one rank can
+    run it alone (all ranks must enter it: it all-gathers); a no-op for any other model."""
+    from .fsdp import gathered as fsdp_gathered, is_sharded
+
+    return fsdp_gathered(model) if is_sharded(model) else contextlib.nullcontext(model)
 
 
 def unwrap(module):

@@ -20,7 +20,7 @@ import torch
 
 from .batching import Example, collate, count_tokens, global_batches, micro_slices, steps_per_epoch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
-from .distributed import Dist, no_sync, unwrap, wrap
+from .distributed import Dist, gathered, no_sync, unwrap, wrap
 from .objective import loss_sum, supports_logits_to_keep
 from .progress import Progress, StopFlag, memory_gib
 from .report import run_log
@@ -260,19 +260,20 @@ def _evaluate(module, spec: StageSpec, step: int, evals: list, best: dict, progr
     """Evaluate on rank 0 without touching the training RNG; keep the best adapter (model selection)."""
     model = unwrap(module)
     record = None
-    if dist.is_main:
-        devices = [dist.device] if dist.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            score, details = spec.evaluate(model)
-        model.train()
-        record = {"step": step, "score": score, "details": details}
-        metric = details.get("primary", "score") if isinstance(details, dict) else "score"
-        improved = best["score"] is None or score > best["score"]
-        progress.write(
-            f"{spec.name} step {step}: validation {metric} {score:.2f}" + (" (best so far)" if improved else "")
-        )
-        if improved:
-            save_adapter(model, spec.directory / "best", spec.readme)
+    with gathered(model):  # --distributed fsdp: every rank gathers the weights, so rank 0 evaluates alone
+        if dist.is_main:
+            devices = [dist.device] if dist.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                score, details = spec.evaluate(model)
+            model.train()
+            record = {"step": step, "score": score, "details": details}
+            metric = details.get("primary", "score") if isinstance(details, dict) else "score"
+            improved = best["score"] is None or score > best["score"]
+            progress.write(
+                f"{spec.name} step {step}: validation {metric} {score:.2f}" + (" (best so far)" if improved else "")
+            )
+            if improved:
+                save_adapter(model, spec.directory / "best", spec.readme)
     # Every rank keeps the same bookkeeping: the StageResult (best_step, evals) decides which adapter each
     # rank restores and returns. The broadcast also waits for rank 0's evaluation and best/ adapter.
     record = dist.broadcast(record)

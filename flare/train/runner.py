@@ -33,7 +33,7 @@ from ..tasks import get_task
 from .batching import prepare
 from .checkpoint import restore_adapter, save_adapter, write_json
 from .config import TrainConfig
-from .distributed import Dist, init_distributed
+from .distributed import Dist, gathered, init_distributed
 from .inputs import StageData, load_stage_data
 from .loop import StageResult, StageSpec, StepBudget, TrainingStopped, autocast_factory, run_stage, stop_agreed
 from .modeling import (
@@ -279,17 +279,18 @@ def _train(cfg: TrainConfig, dist: Dist, task, data: StageData, out: Path, t_sta
             if results["stage2"].best_step is not None:
                 adapter = out / "stage2" / "best"
                 restore_adapter(model, adapter)
-            if data.test and dist.is_main:
-                try:
-                    test_result = evaluate_on(model, data.test, "test", should_stop=lambda: stop.requested)
-                except EvaluationStopped:
-                    # training is complete and saved: a Ctrl-C here leaves at once instead of scoring on
-                    raise TrainingStopped(
-                        "test", results["stage2"].steps, adapter, stop.reason,
-                        f"{stop.reason}: stopped during the test evaluation; training is complete and its adapter "
-                        f"is {adapter}. Score it with `flare eval --run-dir {out}`, or rerun with --resume",
-                    ) from None  # fmt: skip
-                run_log.info("test:\n%s", test_result.table())
+            with gathered(model):  # --distributed fsdp: every rank gathers the weights, rank 0 tests alone
+                if data.test and dist.is_main:
+                    try:
+                        test_result = evaluate_on(model, data.test, "test", should_stop=lambda: stop.requested)
+                    except EvaluationStopped:
+                        # training is complete and saved: a Ctrl-C here leaves at once instead of scoring on
+                        raise TrainingStopped(
+                            "test", results["stage2"].steps, adapter, stop.reason,
+                            f"{stop.reason}: stopped during the test evaluation; training is complete and its adapter "
+                            f"is {adapter}. Score it with `flare eval --run-dir {out}`, or rerun with --resume",
+                        ) from None  # fmt: skip
+                    run_log.info("test:\n%s", test_result.table())
             dist.barrier()
 
     seconds = time.perf_counter() - t_start

@@ -19,6 +19,7 @@ about 4.127 at BS = 64 (8.66 MB for a 4096 x 4096 projection).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -27,10 +28,21 @@ from torch import nn
 
 from .codes import dynamic_code, nf4_code, round_to_code_cpu, round_to_code_cuda, round_to_nf4
 
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """FSDP2 holds a sharded parameter as a DTensor between the layers that use it. No DTensor exists
+    unless its module was imported; importing it here would add ~1.8 s to ``import flare_kernels``."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 NF4_ZERO_CODE = 7
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Every tensor of the weight is sharded, the code maps too: they add 1.1 KB to the 8.66 MB a
+# 4096 x 4096 weight gathers, and each rank then holds exactly 1/world of the weight's bytes.
+SHARDABLE = ("packed", "absmax", "code", "nested_absmax", "nested_code", "nested_offset")
 
 
 def _check_blocksize(blocksize: int) -> None:
@@ -115,6 +127,9 @@ class NF4Weight(nn.Module):
     nested), ``code`` fp32 [16], and when nested ``nested_absmax`` fp32 [ceil(n_blocks/256)],
     ``nested_code`` fp32 [256], ``nested_offset`` fp32 [] (a tensor, so kernels read it without a
     host sync). ``.to(device)`` moves them; dtype casts (``model.half()``) leave them as they are.
+
+    ``make_shardable()`` turns them into frozen 1-D uint8 parameters holding the same bytes (what
+    FSDP2 shards; see ``flare.train.fsdp``).
     """
 
     def __init__(
@@ -157,6 +172,7 @@ class NF4Weight(nn.Module):
         self.blocksize = int(blocksize)
         self.dtype = dtype
         self.compute_dtype = compute_dtype
+        self._byte_dtypes: dict[str, torch.dtype] | None = None  # set by make_shardable
         self.register_buffer("packed", packed)
         self.register_buffer("absmax", absmax.reshape(-1))
         self.register_buffer("code", nf4_code(packed.device) if code is None else code.float())
@@ -181,7 +197,11 @@ class NF4Weight(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self._buffers["packed"].device
+        return (self._buffers if self._byte_dtypes is None else self._parameters)["packed"].device
+
+    @property
+    def shardable(self) -> bool:
+        return self._byte_dtypes is not None
 
     def extra_repr(self) -> str:
         n, k = self.shape
@@ -197,6 +217,32 @@ class NF4Weight(nn.Module):
             if moved.dtype != buf.dtype:
                 moved = buf.to(device=moved.device)
             self._buffers[name] = moved
+        for name, param in self._parameters.items():  # the uint8 bytes after make_shardable: no dtype to keep
+            moved = None if param is None else fn(param)
+            if moved is not None and moved is not param:
+                self._parameters[name] = nn.Parameter(moved, requires_grad=False)
+        return self
+
+    def make_shardable(self) -> "NF4Weight":
+        """Hold every tensor (packed, absmax, code, nested_*) as a frozen 1-D uint8 parameter (a view of
+        the same bytes, no copy) so FSDP2 can shard it along dim 0; idempotent.
+
+        Why bytes: uint8 parameters are never cast by FSDP2's mixed precision (it casts floating ones
+        only), so the fp32 scales keep their exact bits under ``param_dtype=bfloat16``, and the
+        kernels read the gathered bytes as they are (``tensors()`` views them back).
+        """
+        if self._byte_dtypes is not None:
+            return self
+        dtypes = {}
+        for name in SHARDABLE:
+            t = self._buffers[name]
+            if t is None:
+                continue
+            dtypes[name] = t.dtype
+            del self._buffers[name]
+            # reshape(-1): nested_offset is 0-dim, and FSDP2 shards dim 0
+            self.register_parameter(name, nn.Parameter(t.reshape(-1).view(torch.uint8), requires_grad=False))
+        self._byte_dtypes = dtypes
         return self
 
     # ---------------------------------------------------------------- values
@@ -205,8 +251,24 @@ class NF4Weight(nn.Module):
         # Straight from the buffer dict: nn.Module.__getattr__ per buffer made this 14 us a call,
         # a tenth of a decode step's Python overhead on a CPU.
         b = self._buffers
+        if self._byte_dtypes is None:
+            return NF4Tensors(
+                b["packed"], b["absmax"], b["code"], b["nested_absmax"], b["nested_code"], b["nested_offset"],
+                self.shape[0], self.shape[1], self.blocksize,
+            )
+        p, dtypes = self._parameters, self._byte_dtypes
+        if _is_dtensor(p["packed"]):
+            raise RuntimeError(
+                "this NF4 weight is sharded by FSDP (each rank holds a slice of its bytes): call the FSDP-wrapped "
+                "block, or gather the model first (flare.train.fsdp.gathered)"
+            )
+        if "nested_absmax" not in dtypes:
+            nested = (None, None, None)
+        else:
+            nested = (p["nested_absmax"].view(torch.float32), p["nested_code"].view(torch.float32),
+                      p["nested_offset"].view(torch.float32).reshape(()))  # fmt: skip
         return NF4Tensors(
-            b["packed"], b["absmax"], b["code"], b["nested_absmax"], b["nested_code"], b["nested_offset"],
+            p["packed"], p["absmax"].view(dtypes["absmax"]), p["code"].view(torch.float32), *nested,
             self.shape[0], self.shape[1], self.blocksize,
         )
 

@@ -233,8 +233,9 @@ def static_section(d: Path) -> list[str]:
              "blocksize 64 with double quantization. `ours` = fp32 LoRA factors (as the GPU benchmark), "
              "`ours_bf16_fused_down` = bf16 factors; registers / spills / warp-inst per weight / programs / waves "
              "are the weight kernel's "
-             "(`flare_fwd_kernel` in fwd, `flare_dx_kernel` in bwd), H100 / H200 us the sum over every launch of the "
-             "op. Anchors: `gemlite` = GemLite's 4-bit GEMM alone on M rows (one stream, no LoRA), `bnb_dequant*` = "
+             "(`flare_fwd_kernel` in fwd, `flare_dx_kernel` in bwd; from 128 rows in fwd and 512 in bwd, "
+             "`nf4_dequant_kernel`, whose dense weight torch's GEMM multiplies), H100 / H200 us the sum over every "
+             "launch of the op, the GEMMs priced as dense bf16 ones. Anchors: `gemlite` = GemLite's 4-bit GEMM alone on M rows (one stream, no LoRA), `bnb_dequant*` = "
              "bitsandbytes' Triton NF4 dequantization (independent of M). How the prediction is made: "
              "[benchmarks/README.md](benchmarks/README.md#static-cost-report).", ""]  # fmt: skip
     lines += _table(head, rows)
@@ -243,7 +244,13 @@ def static_section(d: Path) -> list[str]:
     for (prov, mode), _ in launches.groupby(["provider", "mode"], sort=False):
         g = getter("flare_add_relu", prov, mode, 4096)
         per = g("warp_inst_per_weight")
-        per_txt = _num(per, "{:.2f}") if per is not None else _num(g("warp_inst_per_elem"), "{:.3f}") + " per elem"
+        per_elem = g("warp_inst_per_elem")
+        if per is not None:
+            per_txt = _num(per, "{:.2f}")
+        elif per_elem is not None:
+            per_txt = _num(per_elem, "{:.3f}") + " per elem"
+        else:
+            per_txt = "library GEMM, priced as dense"
         lrows.append([mode, prov.split(":", 1)[1], _num(g("registers")), _num(g("spill_bytes")), per_txt,
                       _num(g("programs")), _num(g("waves")), _num(g("predicted_launch_us_h200"), "{:.1f}"),
                       _bound(g)])  # fmt: skip

@@ -98,6 +98,9 @@ STACK_STREAMS = True
 GEMM_ROUTE = os.environ.get("FLARE_KERNELS_GEMM_ROUTE", "auto")
 GEMM_ROUTES = ("auto", "fused", "dequant")
 DEQUANT_MIN_ROWS = 128
+# One stream (plain LoRA) reads W once on either route, so its forward switches later: M = 512:
+# fused 32.0 / 27.7 against 35.0; M = 4096: 256 / 221 against 208 (the crossover near 1024).
+DEQUANT_MIN_ROWS_ONE_STREAM = 1024
 DEQUANT_MIN_ROWS_DX = 512
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -145,15 +148,15 @@ def _gemm_tiles(rows: int, two_streams: bool, target: Target, row_blocks: bool =
     return Tiles(64 if two_streams else 128, 128, 64, 8, 3 if row_blocks else 2)
 
 
-def gemm_route(rows: int, target: Target, dx: bool = False) -> str:
-    """"fused" or "dequant" for the forward (or, with ``dx``, the dX GEMM) of a call with ``rows``
-    rows per stream (see GEMM_ROUTE)."""
+def gemm_route(rows: int, target: Target, dx: bool = False, two_streams: bool = True) -> str:
+    """"fused" or "dequant" for the forward (of one or two streams) or, with ``dx``, the dX GEMM of
+    a call with ``rows`` rows per stream (see GEMM_ROUTE)."""
     if GEMM_ROUTE not in GEMM_ROUTES:
         raise ValueError(f"FLARE_KERNELS_GEMM_ROUTE must be one of {GEMM_ROUTES}, got {GEMM_ROUTE!r}")
     if GEMM_ROUTE != "auto":
         return GEMM_ROUTE
     # The interpreter runs the fused kernels at every size: they are the ones to test.
-    threshold = DEQUANT_MIN_ROWS_DX if dx else DEQUANT_MIN_ROWS
+    threshold = DEQUANT_MIN_ROWS_DX if dx else (DEQUANT_MIN_ROWS if two_streams else DEQUANT_MIN_ROWS_ONE_STREAM)
     return "dequant" if rows >= threshold and not target.interpret else "fused"
 
 
@@ -428,7 +431,7 @@ def forward(
     n, r = w.out_features, lora_A.shape[0]
     source_out = source_out and source is not None
     target = _target(x.device, target)
-    if m and gemm_route(m, target) == "dequant":
+    if m and gemm_route(m, target, two_streams=source_out) == "dequant":
         return _forward_dequantized(call, source_out, target)
     fusion, need_src_s = _fusion_plan(fusion, source is not None)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)

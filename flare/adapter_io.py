@@ -208,6 +208,7 @@ def load_flare_model(model: nn.Module, path, *, is_trainable: bool = False):
             fusion_modules=tuple(flare["fusion_targets"]) or saved.fusion_modules,
             lora_modules=tuple(flare["target_modules"]), source_site=saved.source_site,
             modules_to_save=tuple(flare["modules_to_save"]),
+            cross_attention_heads=saved.cross_attention_heads, attention_dropout=saved.attention_dropout,
         )  # fmt: skip
         if saved.fuses and not flare["fusion_targets"]:
             raise ValueError(f"{path / FLARE_CONFIG}: fusion {saved.fusion!r} but no fusion projections listed")

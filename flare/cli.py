@@ -54,6 +54,8 @@ _HELP = {
     "fusion": "how the English representation is fused in the rank-r bottleneck (none: plain LoRA)",
     "fusion_modules": "projections that fuse (comma-separated module names)",
     "lora_modules": "projections with LoRA: all-linear or comma-separated module names",
+    "cross_attention_heads": "heads of the cross_attention fusion; must divide r",
+    "attention_dropout": "dropout on the cross_attention fusion's attention probabilities, in [0, 1)",
     "source_site": "where the English stream enters: projection_input | residual (the paper's variant)",
     "modules_to_save": "modules trained in full, comma-separated (none: lm_head / the task head)",
     "learning_rate": "peak learning rate of stage 2 (and stage 1 unless --stage1-learning-rate)",

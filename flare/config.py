@@ -53,6 +53,10 @@ class FlareConfig:
             (default): the source stream's input of the same projection. ``"residual"``: the
             residual-stream input of the block holding the projection, as the authors' code did
             (their target vector is still the post-norm projection input).
+        cross_attention_heads: heads of the ``cross_attention`` fusion, dividing r (each head
+            attends over r / heads dims, as nn.MultiheadAttention); 1 = the single-head fusion.
+        attention_dropout: dropout on the ``cross_attention`` fusion's attention probabilities
+            (training mode only), in [0, 1); the authors used 0.1 for XLM-R.
         modules_to_save: modules trained in full (a trainable copy beside the frozen original),
             e.g. ``("lm_head", "embed_tokens")`` in the paper's Llama recipe or ``("classifier",)``
             for a fresh classification head. The source stream always runs the frozen original.
@@ -66,6 +70,8 @@ class FlareConfig:
     lora_modules: tuple[str, ...] | str = ALL_LINEAR
     source_site: str = "projection_input"
     modules_to_save: tuple[str, ...] = field(default_factory=tuple)
+    cross_attention_heads: int = 1
+    attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r <= 0:
@@ -86,6 +92,16 @@ class FlareConfig:
         self.lora_dropout = float(self.lora_dropout)
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
+        heads = self.cross_attention_heads
+        if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads <= 0:
+            raise ValueError(f"cross_attention_heads must be a positive integer, got {heads!r}")
+        self.cross_attention_heads = int(heads)
+        if self.fusion == "cross_attention" and self.r % self.cross_attention_heads:
+            raise ValueError(f"cross_attention_heads={heads} must divide the LoRA rank r={self.r}")
+        p = self.attention_dropout
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= p < 1.0):
+            raise ValueError(f"attention_dropout must be in [0, 1), got {p!r}")
+        self.attention_dropout = float(p)
         if self.source_site not in SOURCE_SITES:
             raise ValueError(f"source_site must be one of {SOURCE_SITES}, got {self.source_site!r}")
         self.fusion_modules = _names(self.fusion_modules, "fusion_modules")

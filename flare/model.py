@@ -83,7 +83,8 @@ class FlareModel(nn.Module):
         for path, block_index in t.adapted.items():
             old = modules[path]
             fusion = cfg.fusion if t.is_fusion(path) else "none"
-            kwargs = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, fusion=fusion)
+            kwargs = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, fusion=fusion,
+                          cross_attention_heads=cfg.cross_attention_heads, attention_dropout=cfg.attention_dropout)
             if t.quantized[path]:
                 new = FlareProjection4bit.from_bnb(old, **kwargs)
                 new._flare_bnb = True  # restore a bitsandbytes Linear4bit on merge

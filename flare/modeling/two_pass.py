@@ -44,6 +44,7 @@ def _projection_reference(module, x: torch.Tensor, source: torch.Tensor | None, 
         source=None if source is None else source.to(x.dtype), fusion=module.fusion if source is not None else "none",
         bias=module.bias, fusion_params=params, compute_dtype=cdt,
         fusion_mask=fusion_mask if source is not None and module.fusion in SEQUENCE_FUSIONS else None,
+        heads=module.cross_attention_heads,
     ).y  # fmt: skip
 
 
@@ -71,8 +72,9 @@ def two_pass_forward(
 
     ``compute_dtype``: compute every projection with the reference in this dtype (see the module doc).
     """
-    if flare_model.config.lora_dropout > 0 and flare_model.training:
-        raise ValueError("the two-pass definition is defined here for lora_dropout == 0 (or eval mode)")
+    cfg = flare_model.config
+    if (cfg.lora_dropout > 0 or cfg.attention_dropout > 0) and flare_model.training:
+        raise ValueError("the two-pass definition is defined here without dropout (or in eval mode)")
     input_ids, attention_mask, source_input_ids, source_attention_mask = check_streams(
         input_ids, attention_mask, source_input_ids, source_attention_mask
     )

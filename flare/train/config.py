@@ -60,6 +60,8 @@ class TrainConfig:
     fusion_modules: tuple[str, ...] = ("q_proj", "v_proj")
     lora_modules: str | tuple[str, ...] = "all-linear"
     source_site: str = "projection_input"
+    cross_attention_heads: int = 1  # heads of the cross_attention fusion (divides r)
+    attention_dropout: float = 0.0  # dropout on its attention probabilities (the authors: 0.1 for XLM-R)
     modules_to_save: tuple[str, ...] | None = None  # None: lm_head (decoders) / the task head (encoders)
 
     # ---- optimization
@@ -132,6 +134,14 @@ class TrainConfig:
             bad("r", self.r, "a positive integer")
         if not 0.0 <= self.lora_dropout < 1.0:
             bad("lora_dropout", self.lora_dropout, "in [0, 1)")
+        if isinstance(self.cross_attention_heads, bool) or not isinstance(self.cross_attention_heads, int) or (
+            self.cross_attention_heads <= 0
+        ):
+            bad("cross_attention_heads", self.cross_attention_heads, "a positive integer")
+        if self.fusion == "cross_attention" and isinstance(self.r, int) and self.r % self.cross_attention_heads:
+            bad("cross_attention_heads", self.cross_attention_heads, f"a divisor of r={self.r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            bad("attention_dropout", self.attention_dropout, "in [0, 1)")
         if self.source_site not in SOURCE_SITES:
             bad("source_site", self.source_site, f"one of {SOURCE_SITES}")
         for name in ("learning_rate", "lora_alpha"):
@@ -187,6 +197,8 @@ class TrainConfig:
             fusion_modules=self.fusion_modules,
             lora_modules=self.lora_modules,
             source_site=self.source_site,
+            cross_attention_heads=self.cross_attention_heads,
+            attention_dropout=self.attention_dropout,
             modules_to_save=self.modules_to_save if self.modules_to_save is not None else modules_to_save,
         )
 

@@ -12,7 +12,7 @@ import numbers
 import torch
 from torch import nn
 
-from ..reference.fusion import FUSIONS
+from ..reference.fusion import FUSIONS, check_heads
 from .cross_attention import CrossAttentionFusion
 
 ADAPTER_PREFIXES = ("lora_A.", "lora_B.", "fusion_module.")
@@ -33,6 +33,8 @@ class LoraAdapter(nn.Module):
         fusion: str,
         device: torch.device | None,
         adapter_dtype: torch.dtype,
+        cross_attention_heads: int = 1,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(r, int) or r <= 0:
@@ -41,6 +43,12 @@ class LoraAdapter(nn.Module):
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if fusion == "cross_attention":
+            check_heads(cross_attention_heads, r)
+        if isinstance(attention_dropout, bool) or not isinstance(attention_dropout, numbers.Real) or not (
+            0.0 <= attention_dropout < 1.0
+        ):
+            raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout!r}")
         # as FlareConfig and the CLI refuse it: a negative or zero alpha flips or silences the adapter
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
             raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
@@ -50,6 +58,8 @@ class LoraAdapter(nn.Module):
         self.scaling = lora_alpha / r
         self.lora_dropout = lora_dropout
         self.fusion = fusion
+        self.cross_attention_heads = cross_attention_heads
+        self.attention_dropout = float(attention_dropout)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=adapter_dtype)
         self.fusion_module = (
@@ -73,15 +83,22 @@ class LoraAdapter(nn.Module):
             fusion=self.fusion,
             dropout_p=self.lora_dropout if self.training else 0.0,
             fusion_params=params,
+            heads=self.cross_attention_heads,
+            attention_dropout_p=self.attention_dropout if self.training else 0.0,
         )
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trainable adapter tensors, keyed as in a PEFT adapter file (``lora_A.weight``, ...)."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(ADAPTER_PREFIXES)}
 
+    def _attention_repr(self) -> str:
+        if self.fusion != "cross_attention":
+            return ""
+        return f"cross_attention_heads={self.cross_attention_heads}, attention_dropout={self.attention_dropout}, "
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-            f"fusion={self.fusion!r}, bias={getattr(self, 'bias', None) is not None}"
+            f"fusion={self.fusion!r}, {self._attention_repr()}bias={getattr(self, 'bias', None) is not None}"
         )

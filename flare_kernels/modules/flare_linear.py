@@ -27,12 +27,15 @@ class FlareLinear(LoraAdapter):
         lora_dropout: float = 0.0,
         fusion: str = "add_relu",
         adapter_dtype: torch.dtype = torch.float32,
+        cross_attention_heads: int = 1,
+        attention_dropout: float = 0.0,
     ) -> None:
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"FlareLinear wraps an nn.Linear, got {type(linear).__name__}")
         super().__init__(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha,
                          lora_dropout=lora_dropout, fusion=fusion, device=linear.weight.device,
-                         adapter_dtype=adapter_dtype)  # fmt: skip
+                         adapter_dtype=adapter_dtype,
+                         cross_attention_heads=cross_attention_heads, attention_dropout=attention_dropout)  # fmt: skip
         self.weight = linear.weight.requires_grad_(False)
         self.bias = None if linear.bias is None else linear.bias.requires_grad_(False)
 

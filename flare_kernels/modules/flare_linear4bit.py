@@ -40,12 +40,15 @@ class FlareLinear4bit(LoraAdapter):
         fusion: str = "add_relu",
         compute_dtype: torch.dtype | None = None,
         adapter_dtype: torch.dtype = torch.float32,
+        cross_attention_heads: int = 1,
+        attention_dropout: float = 0.0,
     ) -> None:
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         fusion=fusion, device=weight.device, adapter_dtype=adapter_dtype)  # fmt: skip
+                         fusion=fusion, device=weight.device, adapter_dtype=adapter_dtype,
+                         cross_attention_heads=cross_attention_heads, attention_dropout=attention_dropout)  # fmt: skip
         if bias is not None and tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must be [out_features] = [{out_features}], got shape {tuple(bias.shape)}")
         self.weight = weight

@@ -9,6 +9,8 @@ Fake implementations make them traceable by ``torch.compile(fullgraph=True)``.
 ``flare_kernels::flare_lora_bwd`` -> [dx or [0], dA or [0], dB or [0], *d_fusion_params]
 
 s_t and s_s are the rank-r intermediates saved for the backward (fp32; fp64 for fp64 inputs).
+The last three inputs of each op (``heads``, ``attn_dropout_p``, ``attn_keep`` [B, heads, L, L])
+configure the cross-attention fusion; their defaults (one head, no dropout) keep older callers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..format.nf4 import NF4Tensors
+from ..reference.fusion import AttentionParams
 from . import backend
 from .fusion_glue import LoraCall
 
@@ -31,6 +34,14 @@ def intermediate_dtype(x: Tensor, lora_A: Tensor) -> torch.dtype:
 def needs_source_s(fusion: str, source: Optional[Tensor]) -> bool:
     """Whether the fusion reads the source stream (fusion "none" only passes its base product)."""
     return source is not None and fusion != "none"
+
+
+def _fusion_params(fusion: str, params, heads: int, attn_dropout_p: float, attn_keep: Optional[Tensor]):
+    # The launchers hand the fusion's parameters to the glue untouched: the attention's settings
+    # ride along on them (reference.fusion.AttentionParams), so no launcher signature changes.
+    if fusion != "cross_attention" or (heads == 1 and attn_keep is None):
+        return params
+    return AttentionParams(params, heads, attn_keep, attn_dropout_p)
 
 
 def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -97,20 +108,24 @@ def flare_lora_fwd(
     source_out: bool,
     source_base: Optional[Tensor],
     fusion_mask: Optional[Tensor],
+    heads: int = 1,
+    attn_dropout_p: float = 0.0,
+    attn_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     w = NF4Tensors(packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features, x.shape[1], blocksize)
     return run_forward(x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
-                       seq_len, source_out, source_base, fusion_mask)  # fmt: skip
+                       seq_len, source_out, source_base, fusion_mask, heads, attn_dropout_p, attn_keep)  # fmt: skip
 
 
 def run_forward(x, source, w: NF4Tensors, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t,
-                mask_s, seq_len, source_out, source_base=None, fusion_mask=None):  # fmt: skip
+                mask_s, seq_len, source_out, source_base=None, fusion_mask=None, heads=1, attn_dropout_p=0.0,
+                attn_keep=None):  # fmt: skip
     """The forward op's body. Called directly (no dispatcher, no autograd node) by the functional
     when no gradient is wanted, which saves about 80 us a call (a third of a decode step's layer
     time on a CPU); it runs with autocast off, as the op does."""
     return _autocast_off(x.device.type, _forward_impl, x, source, w, bias, lora_A, lora_B, scaling, fusion,
-                         fusion_params, dropout_p, mask_t, mask_s, seq_len, source_out, source_base,
-                         fusion_mask)  # fmt: skip
+                         _fusion_params(fusion, fusion_params, heads, attn_dropout_p, attn_keep), dropout_p, mask_t,
+                         mask_s, seq_len, source_out, source_base, fusion_mask)  # fmt: skip
 
 
 def _forward_impl(x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
@@ -133,7 +148,7 @@ def _forward_impl(x, source, w, bias, lora_A, lora_B, scaling, fusion, fusion_pa
 @flare_lora_fwd.register_fake
 def _(x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features,
       blocksize, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
-      seq_len, source_out, source_base, fusion_mask):  # fmt: skip
+      seq_len, source_out, source_base, fusion_mask, heads=1, attn_dropout_p=0.0, attn_keep=None):  # fmt: skip
     m, r = x.shape[0], lora_A.shape[0]
     acc = intermediate_dtype(x, lora_A)
     y_s = x.new_empty((m, out_features)) if source_out and source is not None else _empty(x)
@@ -171,10 +186,13 @@ def flare_lora_bwd(
     need_db: bool,
     need_dparams: bool,
     fusion_mask: Optional[Tensor],
+    heads: int = 1,
+    attn_dropout_p: float = 0.0,
+    attn_keep: Optional[Tensor] = None,
 ) -> list[Tensor]:
     w = NF4Tensors(packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features, x.shape[1], blocksize)
     return _autocast_off(x.device.type, _backward_impl, dy, x, source, w, lora_A, lora_B, scaling, fusion,
-                         fusion_params, dropout_p, mask_t, mask_s, s_t, s_s, seq_len,
+                         _fusion_params(fusion, fusion_params, heads, attn_dropout_p, attn_keep), dropout_p, mask_t, mask_s, s_t, s_s, seq_len,
                          (need_dx, need_da, need_db, need_dparams), fusion_mask)  # fmt: skip
 
 
@@ -196,7 +214,8 @@ def _backward_impl(dy, x, source, w, lora_A, lora_B, scaling, fusion, fusion_par
 @flare_lora_bwd.register_fake
 def _(dy, x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features,
       blocksize, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s, s_t, s_s,
-      seq_len, need_dx, need_da, need_db, need_dparams, fusion_mask):  # fmt: skip
+      seq_len, need_dx, need_da, need_db, need_dparams, fusion_mask, heads=1, attn_dropout_p=0.0,
+      attn_keep=None):  # fmt: skip
     return [
         x.new_empty(x.shape) if need_dx else _empty(x),
         lora_A.new_empty(lora_A.shape) if need_da else _empty(lora_A),
@@ -206,14 +225,19 @@ def _(dy, x, source, packed, absmax, code, nested_absmax, nested_code, nested_of
 
 
 # ------------------------------------------------------------------------------ autograd
-# Positions of the differentiable inputs of flare_lora_fwd; it has 23 inputs.
-_X, _BIAS, _A, _B, _PARAMS, _N_INPUTS = 0, 10, 11, 12, 15, 23
+# Positions of the differentiable inputs of flare_lora_fwd; it has 26 inputs, the last three
+# with defaults. The backward returns one entry per argument the caller passed, trailing
+# arguments at their defaults not counted: as many as ctx.needs_input_grad has.
+_X, _BIAS, _A, _B, _PARAMS, _N_INPUTS = 0, 10, 11, 12, 15, 26
+_DEFAULTS = (1, 0.0, None)  # heads, attn_dropout_p, attn_keep
 
 
 def _setup_context(ctx, inputs, output):
+    inputs = (*inputs, *_DEFAULTS[len(_DEFAULTS) - (_N_INPUTS - len(inputs)):])  # defaults left out, if any
     (x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset, out_features,
      blocksize, bias, lora_A, lora_B, scaling, fusion, fusion_params, dropout_p, mask_t, mask_s,
-     seq_len, source_out, source_base, fusion_mask) = inputs  # fmt: skip
+     seq_len, source_out, source_base, fusion_mask, heads, attn_dropout_p,
+     attn_keep) = inputs  # fmt: skip
     _, y_s, s_t, s_s = output
     # Saved: activations, masks, the rank-r intermediates and the 4-bit weight as stored; never a
     # dequantized weight. A fusion that does not read the source (fusion "none": the source rows
@@ -221,25 +245,27 @@ def _setup_context(ctx, inputs, output):
     reads_source = needs_source_s(fusion, source)
     ctx.save_for_backward(
         x, source if reads_source else None, packed, absmax, code, nested_absmax, nested_code, nested_offset,
-        lora_A, lora_B, mask_t, mask_s if reads_source else None, s_t, s_s, fusion_mask, *fusion_params,
+        lora_A, lora_B, mask_t, mask_s if reads_source else None, s_t, s_s, fusion_mask,
+        attn_keep if reads_source else None, *fusion_params,
     )  # fmt: skip
-    ctx.meta = (out_features, blocksize, scaling, fusion, dropout_p, seq_len, None if bias is None else bias.dtype)
+    ctx.meta = (out_features, blocksize, scaling, fusion, dropout_p, seq_len, None if bias is None else bias.dtype,
+                heads, attn_dropout_p)  # fmt: skip
     ctx.mark_non_differentiable(y_s, s_t, s_s)
 
 
 def _backward(ctx, dy, dy_source, ds_t, ds_s):
     (x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset,
-     lora_A, lora_B, mask_t, mask_s, s_t, s_s, fusion_mask, *params) = ctx.saved_tensors  # fmt: skip
-    out_features, blocksize, scaling, fusion, dropout_p, seq_len, bias_dtype = ctx.meta
+     lora_A, lora_B, mask_t, mask_s, s_t, s_s, fusion_mask, attn_keep, *params) = ctx.saved_tensors  # fmt: skip
+    out_features, blocksize, scaling, fusion, dropout_p, seq_len, bias_dtype, heads, attn_dropout_p = ctx.meta
     needs = ctx.needs_input_grad
     need_dparams = bool(needs[_PARAMS]) and any(needs[_PARAMS])
     grads = flare_lora_bwd(
         dy, x, source, packed, absmax, code, nested_absmax, nested_code, nested_offset,
         out_features, blocksize, lora_A, lora_B, scaling, fusion, params, dropout_p,
         mask_t, mask_s, s_t, s_s, seq_len,
-        needs[_X], needs[_A], needs[_B], need_dparams, fusion_mask,
+        needs[_X], needs[_A], needs[_B], need_dparams, fusion_mask, heads, attn_dropout_p, attn_keep,
     )  # fmt: skip
-    result: list = [None] * _N_INPUTS
+    result: list = [None] * len(needs)
     result[_X] = grads[0] if needs[_X] else None
     result[_A] = grads[1] if needs[_A] else None
     result[_B] = grads[2] if needs[_B] else None

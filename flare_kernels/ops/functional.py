@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from ..format.nf4 import NF4Weight
-from ..reference.fusion import FUSION_PARAM_COUNT, FUSIONS
+from ..reference.fusion import FUSION_PARAM_COUNT, FUSIONS, check_heads
 from .custom_ops import flare_lora_fwd, run_forward
 
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -127,6 +127,28 @@ def _validate_extras(x, source, source_base, fusion_mask) -> None:
             )
 
 
+def _attention_keep(x, source, fusion, r, heads, p, keep):
+    """Validate the cross-attention settings; the attention-dropout keep-mask [B, heads, L, L]
+    (flattened batch) or None. Drawn from torch's RNG, after the LoRA masks, so that a resumed
+    run that restores the RNG state redraws the same masks."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"attention_dropout_p must be in [0, 1), got {p!r}")
+    if fusion != "cross_attention" or source is None:
+        return None  # no attention: heads and attention dropout are unused
+    check_heads(heads, r)
+    length = x.shape[-2] if x.dim() >= 2 else 1
+    shape = (math.prod(x.shape[:-2]), heads, length, length)
+    if keep is not None:
+        _check_tensor("attention_dropout_mask", keep, x.device)
+        if keep.dtype != torch.bool or keep.numel() != math.prod(shape):
+            raise ValueError(f"attention_dropout_mask must be bool [..., heads={heads}, L, L], got "
+                             f"{keep.dtype} {_shape(keep)}")  # fmt: skip
+        return keep.reshape(shape) if p > 0.0 else None
+    if p == 0.0:
+        return None
+    return torch.empty(shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+
+
 def flare_lora_linear(
     x: torch.Tensor,
     weight,
@@ -145,6 +167,9 @@ def flare_lora_linear(
     compute_dtype: torch.dtype | None = None,
     source_base: torch.Tensor | None = None,
     fusion_mask: torch.Tensor | None = None,
+    heads: int = 1,
+    attention_dropout_p: float = 0.0,
+    attention_dropout_mask: torch.Tensor | None = None,
 ):
     """FLARE-LoRA projection over a 4-bit NF4 base weight, forward and backward.
 
@@ -166,12 +191,18 @@ def flare_lora_linear(
     fused ``source`` rows (the paper's residual variant fuses the block input): still one pass
     over W0 for both streams. ``fusion_mask`` (bool [..., L], True = real token): key-padding mask
     of the sequence-level fusions, so padded positions do not enter t^T t or the attention.
+
+    Cross-attention only: ``heads`` (dividing r) splits it into heads of r / heads dims;
+    ``attention_dropout_p`` drops attention probabilities with a keep-mask drawn here (or
+    ``attention_dropout_mask``, bool [..., heads, L, L], True = kept), reused by the backward.
     """
     weight = _as_nf4(weight)
     fusion_params = tuple(fusion_params)
     _validate(x, weight, lora_A, lora_B, scaling, source, fusion, bias, dropout_p, fusion_params,
               dropout_mask, source_dropout_mask)  # fmt: skip
     _validate_extras(x, source, source_base, fusion_mask)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"heads must be a positive integer, got {heads!r}")
     if source is None:
         fusion_params = ()
     device_type = x.device.type
@@ -191,6 +222,9 @@ def flare_lora_linear(
         dropout_mask = source_dropout_mask = None
     if not reads_source:
         source_dropout_mask = None  # fusion "none" never reads the source stream's adapter input
+    attn_keep = _attention_keep(x, source, fusion, lora_A.shape[0], heads, attention_dropout_p,
+                                attention_dropout_mask)  # fmt: skip
+    attn_p = float(attention_dropout_p) if attn_keep is not None else 0.0
 
     in_dtype = x.dtype
     cdt = compute_dtype or weight.compute_dtype or x.dtype
@@ -211,11 +245,12 @@ def flare_lora_linear(
         y, y_s, _, _ = flare_lora_fwd(
             x2, s2, w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.nested_offset,
             w.out_features, w.blocksize, bias, lora_A, lora_B, float(scaling), fusion, list(fusion_params),
-            float(dropout_p), m2, ms2, seq_len, source_out, sb2, fm2,
+            float(dropout_p), m2, ms2, seq_len, source_out, sb2, fm2, heads, attn_p, attn_keep,
         )  # fmt: skip
     else:  # nothing to differentiate: the op's body without the dispatcher (inference, decoding)
         y, y_s, _, _ = run_forward(x2, s2, w, bias, lora_A, lora_B, float(scaling), fusion, list(fusion_params),
-                                   float(dropout_p), m2, ms2, seq_len, source_out, sb2, fm2)  # fmt: skip
+                                   float(dropout_p), m2, ms2, seq_len, source_out, sb2, fm2, heads, attn_p,
+                                   attn_keep)  # fmt: skip
     y = _cast(y.view(*lead, w.out_features), in_dtype)
     if not return_source_output:
         return y

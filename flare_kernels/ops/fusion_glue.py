@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ..format.nf4 import NF4Tensors
-from ..reference.fusion import fuse, fuse_backward, is_per_token
+from ..reference.fusion import fuse, fuse_backward, is_per_token, retensor
 
 
 class LoraCall(NamedTuple):
@@ -32,7 +32,9 @@ class LoraCall(NamedTuple):
     lora_B: torch.Tensor  # [N, r]
     scaling: float
     fusion: str
-    params: Sequence[torch.Tensor]  # the fusion's parameters (cross_attention: Wq, bq, Wk, bk, Wv, bv)
+    # the fusion's parameters (cross_attention: Wq, bq, Wk, bk, Wv, bv, as reference.fusion.AttentionParams
+    # when it has several heads or attention dropout, so the settings reach the glue below)
+    params: Sequence[torch.Tensor]
     dropout_p: float
     masks: tuple[torch.Tensor | None, torch.Tensor | None]
     seq_len: int
@@ -71,7 +73,8 @@ def sequence_fuse(
     ``mask`` [M] marks real positions)."""
     m, r = s_t.shape
     shape = (m // seq_len, seq_len, r)
-    z = fuse(s_s.view(shape), s_t.view(shape), fusion, [p.float() for p in params], _seq_mask(mask, m, seq_len))
+    z = fuse(s_s.view(shape), s_t.view(shape), fusion, retensor(params, [p.float() for p in params]),
+             _seq_mask(mask, m, seq_len))  # fmt: skip
     return z.reshape(m, r)
 
 
@@ -91,7 +94,7 @@ def rank_r_backward(
         g_s, g_t, d_params = fuse_backward(dz, s_s, s_t, fusion)
     else:
         shape = (m // seq_len, seq_len, r)
-        params32 = [p.float() for p in params]
+        params32 = retensor(params, [p.float() for p in params])
         z = sequence_fuse(s_s, s_t, fusion, params32, seq_len, mask)
         g_s, g_t, d_params = fuse_backward(dz.view(shape), s_s.view(shape), s_t.view(shape), fusion, params32,
                                            _seq_mask(mask, m, seq_len))  # fmt: skip

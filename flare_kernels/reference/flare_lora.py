@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..format.nf4 import NF4Tensors, NF4Weight
-from .fusion import fuse, fuse_backward
+from .fusion import AttentionParams, fuse, fuse_backward
 
 
 class FlareOutput(NamedTuple):
@@ -108,6 +108,9 @@ def flare_lora_reference(
     return_source_output: bool = False,
     source_base: torch.Tensor | None = None,
     fusion_mask: torch.Tensor | None = None,
+    heads: int = 1,
+    attention_dropout_p: float = 0.0,
+    attention_dropout_mask: torch.Tensor | None = None,
 ) -> FlareOutput:
     """Reference FLARE-LoRA projection; x and source are [..., L, K] (sequence fusions mix dim -2).
 
@@ -115,12 +118,22 @@ def flare_lora_reference(
     ``source_base``: the rows whose base product is ``y_source`` when they differ from the fused
     ``source`` (the paper's residual-stream variant fuses the block input); default ``source``.
     ``fusion_mask`` [..., L]: key-padding mask of the sequence-level fusions (True = real token).
+    ``heads`` / ``attention_dropout_p`` / ``attention_dropout_mask`` (bool [..., heads, L, L]):
+    cross-attention's heads and attention-probability dropout, the mask drawn here after the
+    LoRA masks when not given (as ``flare_lora_linear`` draws it).
     """
     if dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = draw_dropout_mask(x, dropout_p)
         if source is not None and source_dropout_mask is None:
             source_dropout_mask = draw_dropout_mask(source, dropout_p)
+    if fusion == "cross_attention" and source is not None and (heads != 1 or attention_dropout_p > 0.0):
+        keep = attention_dropout_mask if attention_dropout_p > 0.0 else None
+        if attention_dropout_p > 0.0 and keep is None:
+            length = x.shape[-2]
+            keep = torch.empty((*x.shape[:-2], heads, length, length), dtype=torch.bool, device=x.device)
+            keep = keep.bernoulli_(1.0 - attention_dropout_p)
+        fusion_params = AttentionParams(fusion_params, heads, keep, attention_dropout_p)
     w = dense_weight(weight, compute_dtype or x.dtype)
     update, s_t, s_s = lora_forward(
         x,

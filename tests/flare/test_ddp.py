@@ -3,10 +3,11 @@ torchrun / accelerate launch set. After training, the adapter is identical on bo
 tolerance: all-reduce sums in another order) to one process taking the same global batches."""
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
+from ranks import free_port
+from ranks import spawn as _spawn_ranks
 from safetensors.torch import load_file, save_file
 
 WORLD = 2
@@ -42,19 +43,13 @@ def _worker(rank: int, port: int, out_dir: str, dump_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_matches_one_process(tmp_path):
     from flare.train import train
     from flare.train.checkpoint import trainable_state
 
     dump = tmp_path / "dump"
     dump.mkdir()
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path / "ddp"), str(dump)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path / "ddp"), str(dump)), nprocs=WORLD, join=True)
     ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in range(WORLD)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 0
     for k in ranks[0]:
@@ -72,27 +67,6 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     state = json.loads((tmp_path / "ddp" / "stage2" / "checkpoints" / "step-00000006" / "state.json").read_text())
     assert state["world_size"] == WORLD
     assert (tmp_path / "ddp" / "stage2" / "checkpoints" / "step-00000006" / "rng-rank1.safetensors").is_file()
-
-
-def _spawn_with_timeout(target, args: tuple, timeout: float) -> None:
-    """Run ``target(rank, *args)`` on WORLD processes; a hang (mismatched collectives) fails instead of
-    blocking the test run: processes still alive after ``timeout`` seconds are killed."""
-    import time
-
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(rank, *args)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {timeout:.0f} s (hung in a collective?)"
-    assert [p.exitcode for p in procs] == [0] * WORLD
 
 
 def _init_env(rank: int, port: int) -> None:
@@ -138,7 +112,7 @@ def _run_ranks(worker, tmp_path, timeout: float) -> list:
 
     dump = tmp_path / "dump"
     dump.mkdir()
-    _spawn_with_timeout(worker, (_free_port(), str(tmp_path / "ddp"), str(dump)), timeout=timeout)
+    _spawn_ranks(worker, (free_port(), str(tmp_path / "ddp"), str(dump)), world=WORLD, timeout=timeout)
     return [json.loads((dump / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -9,13 +9,12 @@ only to float rounding, which test_ddp.py checks.)"""
 
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import free_port
+from ranks import spawn as _spawn_ranks
 from safetensors.torch import load_file, save_file
 
 WORLD = 2
@@ -95,31 +94,6 @@ def _worker(rank: int, port: int, root: str, dump: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(target, args: tuple, timeout: float) -> None:
-    """``target(rank, *args)`` on WORLD processes; ranks still alive after ``timeout`` s (a collective that
-    one rank never entered) are killed and the test fails instead of hanging."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(rank, *args)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {timeout:.0f} s (hung in a collective?)"
-    assert [p.exitcode for p in procs] == [0] * WORLD
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The two-process runs (dumps per rank) and the same configurations trained by one process."""
@@ -130,7 +104,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     dump = root / "dump"
     dump.mkdir()
-    _spawn(_worker, (_free_port(), str(root / "ranks"), str(dump)), timeout=300)
+    _spawn_ranks(_worker, (free_port(), str(root / "ranks"), str(dump)), world=WORLD, timeout=300)
     # one process, each global batch of 8 as the two ranks' micro-batches of 4 (see the module docstring)
     full = train(_full_cfg(str(root / "one-full"), micro_batch_size=4))
     gc = train(_gc_cfg(str(root / "one-gc"), micro_batch_size=4))

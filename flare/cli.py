@@ -35,6 +35,22 @@ _HELP = {
     "languages": "target languages, comma-separated; each must have rows (none: the task's, toy: qaa,qab)",
     "output_dir": "where checkpoints, adapters, results, the log and the curves go; must not hold another run",
     "stages": "comma-separated: stage1 (LoRA on English, merged), stage2 (FLARE on the target languages)",
+    "method": "what stage 2 trains: flare | lora (translate-train) | input-fusion (English + target concatenated) "
+    "| flare-mt (NLLB encoder states as the source)",
+    "eval_mode": "what the test table scores: auto (the method's) | fused | target | translate-test | zero-shot",
+    "recipe": "ours (these defaults) | paper (the authors' settings for the model family and task)",
+    "stage1_from": "output dir of a run whose finished stage 1 this run reuses instead of training its own",
+    "mt_model": "NLLB checkpoint whose encoder gives flare-mt its source (none: a built-in tiny one, toy task only)",
+    "tydiqa_stage1": "TyDiQA stage-1 rows: squad | goldp-english (the authors')",
+    "xnli_train": "XNLI stage-2 rows: xnli-mt (XNLI's own translations) | translated (--train-file, the authors')",
+    "model_selection": "restore the stage-2 step with the best validation score",
+    "compute_dtype": "compute dtype of stage 2: bf16 | fp16 | fp32 (none: from --bf16)",
+    "stage1_compute_dtype": "compute dtype of stage 1 (none: --compute-dtype)",
+    "double_quant": "NF4 with double quantization of the absmax",
+    "fp32_unquantized": "keep the parts that are not quantized (norms, embeddings) in fp32",
+    "add_pad_token": "add a pad token whose embeddings train (decoders)",
+    "decoder_eval": "decoder scoring: ours (label-word logits) | authors (generation, exact match)",
+    "decoder_alignment": "decoder stream alignment: ours (prompts aligned at their last token) | authors",
     "dataset_path": "local copy of the task's hub dataset (or another hub name)",
     "english_path": "local copy of the English counterpart (SQuAD for TyDiQA)",
     "stage1_file": "English rows for stage 1 (jsonl/json/csv/tsv/parquet) instead of the task's",
@@ -89,9 +105,31 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
     from .data.schema import MISSING_POLICIES
     from .tasks import FAMILIES, TASKS
-    from .train.config import DEVICES, EVAL_SOURCES, OPTIMIZERS, SOURCE_SITES
+    from .train.config import (
+        COMPUTE_DTYPES,
+        DECODER_ALIGNMENTS,
+        DECODER_EVALS,
+        DEVICES,
+        EVAL_MODES,
+        EVAL_SOURCES,
+        METHODS,
+        OPTIMIZERS,
+        RECIPES,
+        SOURCE_SITES,
+        TYDIQA_STAGE1,
+        XNLI_TRAIN,
+    )
 
     return {
+        "method": METHODS,
+        "eval_mode": EVAL_MODES,
+        "recipe": RECIPES,
+        "tydiqa_stage1": TYDIQA_STAGE1,
+        "xnli_train": XNLI_TRAIN,
+        "compute_dtype": COMPUTE_DTYPES,
+        "stage1_compute_dtype": COMPUTE_DTYPES,
+        "decoder_eval": DECODER_EVALS,
+        "decoder_alignment": DECODER_ALIGNMENTS,
         "task": tuple(TASKS),
         "family": FAMILIES,
         "fusion": tuple(FUSIONS),

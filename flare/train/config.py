@@ -24,6 +24,15 @@ OPTIMIZERS = ("auto", "adamw", "adamw8bit")
 DEVICES = ("auto", "cpu", "cuda")
 SOURCE_SITES = ("projection_input", "residual")
 EVAL_SOURCES = ("file", "parallel", "none")
+# The paper's comparison (issue 13). method: what stage 2 trains; eval_mode: what the test table scores.
+METHODS = ("flare", "lora", "input-fusion", "flare-mt")
+EVAL_MODES = ("auto", "fused", "target", "translate-test", "zero-shot")
+RECIPES = ("ours", "paper")
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+TYDIQA_STAGE1 = ("squad", "goldp-english")
+XNLI_TRAIN = ("xnli-mt", "translated")
+DECODER_EVALS = ("ours", "authors")
+DECODER_ALIGNMENTS = ("ours", "authors")
 
 
 @dataclasses.dataclass
@@ -36,6 +45,11 @@ class TrainConfig:
     languages: tuple[str, ...] = ()  # target languages; () = the task's (toy: qaa, qab)
     output_dir: str = "flare-output"
     stages: tuple[str, ...] = ("stage1", "stage2")
+    method: str = "flare"  # flare | lora (translate-train) | input-fusion | flare-mt (METHODS)
+    eval_mode: str = "auto"  # auto: the method's own; fused | target | translate-test | zero-shot (EVAL_MODES)
+    recipe: str = "ours"  # ours (these defaults) | paper (the authors' settings per family and task)
+    stage1_from: str | None = None  # a finished run (output dir) whose stage-1 adapter this run reuses
+    mt_model: str | None = None  # NLLB checkpoint whose encoder is FLARE MT's source (None: built-in tiny one, toy)
 
     # ---- data (see flare.train.datasets for how these combine)
     dataset_path: str | None = None  # local copy of the task's hub dataset (or another hub name)
@@ -51,6 +65,9 @@ class TrainConfig:
     missing_source: str = "error"  # rows without English: "error" or "drop" (reported either way)
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    tydiqa_stage1: str = "squad"  # TyDiQA stage-1 rows: squad | goldp-english (the authors')
+    xnli_train: str = "xnli-mt"  # XNLI stage-2 rows: xnli-mt (XNLI's own MT) | translated (--train-file, the authors')
+    model_selection: bool = True  # restore the best validation step (the authors: not for TyDiQA)
 
     # ---- adapter (flare.FlareConfig)
     r: int = 8
@@ -79,6 +96,13 @@ class TrainConfig:
     optimizer: str = "auto"  # auto: bitsandbytes 8-bit AdamW on CUDA, torch AdamW on CPU
     gradient_checkpointing: bool = False
     bf16: bool | None = None  # None: autocast to bf16 on CUDA when supported
+    compute_dtype: str | None = None  # bf16 | fp16 | fp32 of stage 2 (None: from bf16); the authors: bf16
+    stage1_compute_dtype: str | None = None  # of stage 1 (None: compute_dtype); the authors: fp16
+    double_quant: bool = True  # NF4 with double quantization (the authors: without)
+    fp32_unquantized: bool = False  # keep the non-quantized parts (norms, embeddings) in fp32 (the authors: Gemma)
+    add_pad_token: bool = False  # add a pad token with trainable embeddings (the authors: Llama)
+    decoder_eval: str = "ours"  # ours (label-word logits) | authors (generate 100 tokens, exact match)
+    decoder_alignment: str = "ours"  # ours (prompts aligned at their last token) | authors (each stream left-padded)
 
     # ---- running
     device: str = "auto"
@@ -130,6 +154,20 @@ class TrainConfig:
             bad("missing_source", self.missing_source, f"one of {MISSING_POLICIES}")
         if self.eval_source not in EVAL_SOURCES:
             bad("eval_source", self.eval_source, f"one of {EVAL_SOURCES}")
+        for name, allowed in (
+            ("method", METHODS),
+            ("eval_mode", EVAL_MODES),
+            ("recipe", RECIPES),
+            ("tydiqa_stage1", TYDIQA_STAGE1),
+            ("xnli_train", XNLI_TRAIN),
+            ("decoder_eval", DECODER_EVALS),
+            ("decoder_alignment", DECODER_ALIGNMENTS),
+        ):
+            if getattr(self, name) not in allowed:
+                bad(name, getattr(self, name), f"one of {allowed}")
+        for name in ("compute_dtype", "stage1_compute_dtype"):
+            if getattr(self, name) is not None and getattr(self, name) not in COMPUTE_DTYPES:
+                bad(name, getattr(self, name), f"one of {COMPUTE_DTYPES} or None")
         if not isinstance(self.r, int) or self.r <= 0:
             bad("r", self.r, "a positive integer")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -140,14 +140,15 @@ def test_covering_set_reaches_every_switch(all_specs):
     for switch in ("NESTED", "ROW_BLOCKS", "NEED_SRC_S", "DROPOUT"):
         assert dx(switch) == {True, False}, switch
     assert fwd("LORA") == {1, 2} and dx("LORA") == {1, 2}
-    assert fwd("STACK") == {True, False} and fwd("SPLIT_K") == {True, False}
-    epilogue = {json.loads(v) for v in seen[("flare_fwd_splitk_epilogue_kernel", "LORA")]}
-    assert epilogue == {1, 2}
+    assert fwd("STACK") == {True, False} and fwd("SPLIT_K") == {True, False} and dx("SPLIT_N") == {True, False}
+    for epilogue in ("flare_fwd_splitk_epilogue_kernel", "flare_dx_splitn_epilogue_kernel"):
+        assert {json.loads(v) for v in seen[(epilogue, "LORA")]} == {1, 2}, epilogue
+    assert {json.loads(v) for v in seen[("flare_dx_splitn_epilogue_kernel", "DROPOUT")]} == {True, False}
     assert fwd("LORA_DTYPE") == {"tl.bfloat16", "tl.float16", "tl.float32"}
     assert {s.signature["xt_ptr"] for s in all_specs if s.name == "flare_fwd_kernel"} == {"*bf16", "*fp16", "*fp32"}
     assert fwd("M") == {1}  # M = 1 became a constant somewhere; elsewhere M is a runtime i32
     assert {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"]) for s in all_specs if s.name == "flare_fwd_kernel"} == {
-        (16, 32), (32, 64), (64, 64), (32, 128), (64, 128), (128, 128)
+        (16, 32), (32, 128), (64, 128), (128, 128)
     }
     for name in ("lora_down_kernel", "lora_reduce_kernel", "lora_up_kernel"):
         assert {json.loads(v) for v in seen[(name, "DROPOUT")]} == {True, False}

@@ -141,8 +141,8 @@ def test_dry_run_writes_the_folder_with_every_phase_planned(dry_run):
     comp = phases["compile"]["details"]
     assert comp["kernels"] >= 40 and not comp["errors"]
     assert set(comp["by_kernel"]) == {
-        "flare_fwd_kernel", "flare_fwd_splitk_epilogue_kernel", "flare_dx_kernel", "lora_down_kernel", "lora_reduce_kernel",
-        "lora_up_kernel", "nf4_dequant_kernel",
+        "flare_fwd_kernel", "flare_fwd_splitk_epilogue_kernel", "flare_dx_kernel", "flare_dx_splitn_epilogue_kernel",
+        "lora_down_kernel", "lora_reduce_kernel", "lora_up_kernel", "nf4_dequant_kernel",
     }
     # tests: what pytest -m gpu collects, listed in tests.txt
     tests = phases["tests"]["details"]

@@ -94,9 +94,10 @@ SPLIT_CASES = [
 
 
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.id)
-def test_split_k_forward_matches_reference(case, device, monkeypatch):
-    """The decode forward split over K (partial sums, then the epilogue kernel), forced at small
-    shapes by asking for many programs per SM; the fused down-projection and the precomputed one."""
+def test_split_forward_and_dx_match_reference(case, device, monkeypatch):
+    """The decode forward split over K and dX split over N (partial sums, then an epilogue
+    kernel), forced at small shapes by asking for many programs per SM; the fused
+    down-projection and the precomputed one (dX: the fused dZ and the precomputed one)."""
     monkeypatch.setattr(launch, "SPLIT_PROGRAMS_PER_SM", 64)
     for fuse_down in (True, False):
         monkeypatch.setattr(launch, "FUSE_DOWN_DEFAULT", fuse_down)

@@ -197,18 +197,33 @@ def describe_launch(launch) -> dict[str, Any]:
         m, n, k, r = a["M"], a["N"], a["K"], a["R"]
         act, ad = _itemsize(a["dy_ptr"].dtype), _itemsize(a["a_ptr"].dtype)
         s_rows = 2 if c["NEED_SRC_S"] else 1
-        moved = m * n * act + counts.nf4_bytes(n, k) + m * k * act
+        splits = launch.grid[1] if len(launch.grid) > 1 else 1
+        moved = m * n * act + counts.nf4_bytes(n, k)
         flops = 2 * m * n * k
-        if c["LORA"]:
-            moved += r * k * ad
-            flops += 2 * m * r * k
         if c["LORA"] == 2:
-            moved += n * r * ad + 2 * m * r * 4 * s_rows  # B; s read, ds written
+            moved += n * r * ad  # B
             flops += 2 * m * n * r
-        elif c["LORA"] == 1:
-            moved += m * r * 4
-        return dict(per_pass=c["BLOCK_N"] * c["BLOCK_K"], per_elem=False, iterations=math.ceil(n / c["BLOCK_N"]),
-                    flops=flops, bytes=moved)  # fmt: skip
+        if c.get("SPLIT_N"):  # fp32 partials of dX (and dz) out; the LoRA term is the epilogue kernel's
+            moved += splits * m * k * 4 + (splits * m * r * 4 if c["LORA"] == 2 else 0)
+        else:
+            moved += m * k * act
+            if c["LORA"]:
+                moved += r * k * ad
+                flops += 2 * m * r * k
+            if c["LORA"] == 2:
+                moved += 2 * m * r * 4 * s_rows  # s read, ds written
+            elif c["LORA"] == 1:
+                moved += m * r * 4
+        return dict(per_pass=c["BLOCK_N"] * c["BLOCK_K"], per_elem=False,
+                    iterations=math.ceil(min(n, a["n_per_split"]) / c["BLOCK_N"]), flops=flops, bytes=moved)  # fmt: skip
+    if name == "flare_dx_splitn_epilogue_kernel":
+        m, k, r, splits = a["M"], a["K"], a["R"], a["splits"]
+        act, ad = _itemsize(a["dx_ptr"].dtype), _itemsize(a["a_ptr"].dtype)
+        s_rows = 2 if c["NEED_SRC_S"] else 1
+        moved = splits * m * k * 4 + m * k * act + r * k * ad
+        moved += splits * m * r * 4 + 2 * m * r * 4 * s_rows if c["LORA"] == 2 else m * r * 4
+        return dict(per_pass=c["BLOCK_M"] * c["BLOCK_K"], per_elem=True, iterations=splits,
+                    flops=2 * m * r * k, bytes=moved)  # fmt: skip
     if name == "nf4_dequant_kernel":
         n, k = a["N"], a["K"]
         return dict(per_pass=c["BLOCK_N"] * c["BLOCK_K"], per_elem=False, iterations=1, flops=0.0,

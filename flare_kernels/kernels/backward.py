@@ -9,6 +9,10 @@ One program computes a [BLOCK_M, BLOCK_K] tile of dX_t, looping over N::
     LORA == 1: ds_t loaded (sequence-level phi: computed by the launcher)
     dX_t = acc + mask_t * keep_scale * (ds_t A)  (one accumulator: the LoRA term is its epilogue)
 
+SPLIT_N (decode sizes): program (tile, split) walks only its split's N range and writes fp32
+partial sums of acc (and of dz) to workspaces; ``flare_dx_splitn_epilogue_kernel`` adds them in
+split order, then runs the same epilogue once.
+
 Shapes: dY [M, N], W [N, K] NF4, A [R, K], B [N, R], s and ds [M, R] fp32, dX [M, K].
 """
 
@@ -29,13 +33,16 @@ def flare_dx_kernel(
     mt_ptr, stride_mtm, stride_mtk,
     keep_scale, scaling,
     M, N, K, R,
+    # split-N: N range of a split; workspaces' stride between splits (dX partials; dz partials in dst_ptr)
+    n_per_split, stride_dxsplit, stride_dzsplit,
     LOG2_BS: tl.constexpr, NESTED: tl.constexpr, ROW_BLOCKS: tl.constexpr,
     LORA: tl.constexpr, FUSION: tl.constexpr, NEED_SRC_S: tl.constexpr, DROPOUT: tl.constexpr,
-    LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, SPLIT_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -46,7 +53,8 @@ def flare_dx_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     dz = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    # n_per_split is a multiple of BLOCK_N, so a tile never straddles two splits.
+    for n0 in range(split * n_per_split, tl.minimum((split + 1) * n_per_split, N), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
         dy = tl.load(
@@ -74,11 +82,40 @@ def flare_dx_kernel(
             dz = lora_mma(dy, b, dz, LORA_DTYPE, INTERPRET)
 
     s_mask = m_valid[:, None] & r_valid[None, :]
-    s_offs = offs_m[:, None] * stride_sm + offs_r[None, :]
     if LORA == 2:
         dz = tl.where(s_mask, dz, 0.0)  # padded rank columns: Inf in dY times zero-padded B gives NaN
+    if SPLIT_N:
+        x_mask = m_valid[:, None] & k_valid[None, :]
+        tl.store(dx_ptr + split * stride_dxsplit + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                 acc, mask=x_mask)  # fmt: skip
+        if LORA == 2:
+            if pid_k == 0:
+                tl.store(dst_ptr + split * stride_dzsplit + offs_m[:, None] * stride_sm + offs_r[None, :], dz,
+                         mask=s_mask)  # fmt: skip
+    else:
+        dx_epilogue(
+            acc, dz, pid_k, offs_m, offs_k, offs_r, m_valid, k_valid, r_valid,
+            dx_ptr, stride_dxm, stride_dxk, a_ptr, stride_ar, stride_ak,
+            st_ptr, ss_ptr, dst_ptr, dss_ptr, stride_sm, mt_ptr, stride_mtm, stride_mtk, keep_scale, scaling,
+            LORA, FUSION, NEED_SRC_S, DROPOUT, LORA_DTYPE, INTERPRET, BLOCK_M, BLOCK_K,
+        )  # fmt: skip
+
+
+@triton.jit
+def dx_epilogue(
+    acc, dz, pid_k, offs_m, offs_k, offs_r, m_valid, k_valid, r_valid,
+    dx_ptr, stride_dxm, stride_dxk, a_ptr, stride_ar, stride_ak,
+    st_ptr, ss_ptr, dst_ptr, dss_ptr, stride_sm, mt_ptr, stride_mtm, stride_mtk, keep_scale, scaling,
+    LORA: tl.constexpr, FUSION: tl.constexpr, NEED_SRC_S: tl.constexpr, DROPOUT: tl.constexpr,
+    LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dX = acc + drop(ds_t A), rounded once and stored; with LORA == 2, ds from the whole dz
+    (the pid_k == 0 programs store ds_t and ds_s for dA)."""
+    s_mask = m_valid[:, None] & r_valid[None, :]
+    s_offs = offs_m[:, None] * stride_sm + offs_r[None, :]
+    if LORA == 2:
         s_t = tl.load(st_ptr + s_offs, mask=s_mask, other=0.0)
-        s_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        s_s = tl.zeros_like(dz)
         if NEED_SRC_S:
             s_s = tl.load(ss_ptr + s_offs, mask=s_mask, other=0.0)
         ds_t, ds_s = fuse_bwd(dz * scaling, s_s, s_t, FUSION)
@@ -88,6 +125,7 @@ def flare_dx_kernel(
                 tl.store(dss_ptr + s_offs, ds_s, mask=s_mask)
     else:
         ds_t = tl.load(dst_ptr + s_offs, mask=s_mask, other=0.0)
+    x_mask = m_valid[:, None] & k_valid[None, :]
     if LORA != 0:
         # A tile [BLOCK_R, BLOCK_K]
         a = tl.load(
@@ -95,12 +133,53 @@ def flare_dx_kernel(
             mask=r_valid[:, None] & k_valid[None, :], other=0.0,
         )
         lora = lora_mma(ds_t, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), LORA_DTYPE, INTERPRET)
-        x_mask = m_valid[:, None] & k_valid[None, :]
         if DROPOUT:
             lora = apply_keep_mask(lora, mt_ptr, offs_m, offs_k, stride_mtm, stride_mtk, x_mask, keep_scale)
         acc += lora
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
         to_dtype(acc, dx_ptr.dtype.element_ty, INTERPRET),
-        mask=m_valid[:, None] & k_valid[None, :],
+        mask=x_mask,
     )
+
+
+@triton.jit
+def flare_dx_splitn_epilogue_kernel(
+    # fp32 partial dX [splits, M, K] and, with LORA == 2, partial dz [splits, M, R] (contiguous)
+    p_ptr, stride_pm, stride_psplit, q_ptr, stride_qsplit,
+    dx_ptr, stride_dxm, stride_dxk,
+    a_ptr, stride_ar, stride_ak,
+    st_ptr, ss_ptr, dst_ptr, dss_ptr, stride_sm,
+    mt_ptr, stride_mtm, stride_mtk,
+    keep_scale, scaling,
+    M, K, R, splits,
+    LORA: tl.constexpr, FUSION: tl.constexpr, NEED_SRC_S: tl.constexpr, DROPOUT: tl.constexpr,
+    LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The split-N dX's second pass: partial sums added in split order (the result does not
+    depend on scheduling), then the epilogue of the one-pass kernel."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_valid = offs_m < M
+    k_valid = offs_k < K
+    r_valid = offs_r < R
+    x_mask = m_valid[:, None] & k_valid[None, :]
+    s_mask = m_valid[:, None] & r_valid[None, :]
+    p_offs = offs_m[:, None] * stride_pm + offs_k[None, :]
+    q_offs = offs_m[:, None] * R + offs_r[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    dz = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for split in range(0, splits):
+        acc += tl.load(p_ptr + split * stride_psplit + p_offs, mask=x_mask, other=0.0)
+        if LORA == 2:
+            dz += tl.load(q_ptr + split * stride_qsplit + q_offs, mask=s_mask, other=0.0)
+    dx_epilogue(
+        acc, dz, pid_k, offs_m, offs_k, offs_r, m_valid, k_valid, r_valid,
+        dx_ptr, stride_dxm, stride_dxk, a_ptr, stride_ar, stride_ak,
+        st_ptr, ss_ptr, dst_ptr, dss_ptr, stride_sm, mt_ptr, stride_mtm, stride_mtk, keep_scale, scaling,
+        LORA, FUSION, NEED_SRC_S, DROPOUT, LORA_DTYPE, INTERPRET, BLOCK_M, BLOCK_K,
+    )  # fmt: skip

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..format.nf4 import NF4Tensors
 from ..kernels import (
-    INTERPRETED, flare_dx_kernel, flare_fwd_kernel, flare_fwd_splitk_epilogue_kernel, lora_down_kernel,
+    INTERPRETED, flare_dx_kernel, flare_dx_splitn_epilogue_kernel, flare_fwd_kernel, flare_fwd_splitk_epilogue_kernel, lora_down_kernel,
     lora_reduce_kernel, lora_up_kernel, nf4_dequant_kernel,
 )  # fmt: skip
 from ..reference.fusion import FUSIONS, fuse, is_per_token
@@ -95,6 +95,15 @@ FUSE_DOWN_DEFAULT = os.environ.get("FLARE_KERNELS_FUSE_DOWN", "1") != "0"
 #           M = 1024: 85 / 73 against 67 / 68.
 # FLARE_KERNELS_GEMM_ROUTE=fused|dequant forces a route (benchmarks, tests).
 STACK_STREAMS = True
+# dX tiles at decode sizes (BLOCK_N is dX's reduction step, BLOCK_K its output width), split
+# over N (_dx_fused). Static report, sm_90, Llama 3.1 8B q_proj, triton 3.6 / 3.9, main-loop
+# warp-instructions per weight with bf16 / fp32 adapters:
+#   M <= 16: one warp, 16 x 32 x 64, 2 stages, 384 programs: 0.27 / 0.24 and 0.24 / 0.23 (the
+#            4-warp 16 x 64 x 32 tile, 128 programs: 0.30 to 0.63; 3 stages spill 4 B on 3.9);
+#   M <= 64: 64 x 64 x 128, 4 warps, 320 programs: 0.26 / 0.26 and 0.25 / 0.24 (64 x 64 x 64:
+#            0.36 / 0.40 and 0.30 / 0.38).
+DX_DECODE_TILES = Tiles(16, 32, 64, 1, 2)
+DX_SMALL_TILES = Tiles(64, 64, 128, 4, 4)
 GEMM_ROUTE = os.environ.get("FLARE_KERNELS_GEMM_ROUTE", "auto")
 GEMM_ROUTES = ("auto", "fused", "dequant")
 DEQUANT_MIN_ROWS = 128
@@ -138,7 +147,11 @@ def _gemm_tiles(rows: int, two_streams: bool, target: Target, row_blocks: bool =
         # 15 / 17 us); 2 warps: 0.36 / 0.41; 4 warps 128 deep: 0.44 / 0.46.
         return Tiles(16, 32, 64, 1, 4)
     if rows <= 64:
-        return Tiles(32 if two_streams else 64, 64, 64, 4, 4)
+        # 128-wide N tiles (split over K to 320-384 programs): static report, sm_90, M = 64,
+        # triton 3.6 / 3.9, warp-instructions per weight, two streams with fp32 / bf16 adapters:
+        # 0.26 / 0.27 and 0.25 / 0.27; one stream 0.23 (64-wide tiles at 4 stages: 0.35 / 0.41,
+        # 0.38 / 0.44 and 0.37; 64 x 128-deep: 0.32 / 0.36).
+        return Tiles(32 if two_streams else 64, 128, 64, 4, 3)
     if wide:
         # fp32 activations: a 128-row dX tile needs 173,056 B of shared memory even at 2 stages on
         # an A100 (166,912 B; tests/test_aot_compile.py); 64 rows need 107,520 B.
@@ -554,10 +567,9 @@ def backward(
     _check_dtype(x)
     need_dx, need_da, need_db, need_dparams = needs
     m, k = x.shape
-    n, r = w.out_features, lora_A.shape[0]
+    r = lora_A.shape[0]
     fusion, need_src_s = _fusion_plan(fusion, source is not None)
     per_token = is_per_token(fusion)
-    dropout = dropout_p > 0.0
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
 
     if m == 0:
@@ -587,41 +599,7 @@ def backward(
         lora_up(dx, ds_t, lora_A, mask=masks[0], dropout_p=dropout_p, target=target)
     elif need_dx:
         dx = torch.empty((m, k), device=x.device, dtype=x.dtype)
-        row_blocks = _row_blocks(w)
-        tiles = _gemm_tiles(m, two_streams=False, target=target, row_blocks=row_blocks,
-                            wide=x.dtype == torch.float32)
-        if m <= 16 and not target.interpret:
-            # dX's grid runs over K tiles and its loop over N: 32-wide K tiles give 128 programs
-            # on a 4096-wide layer (the forward's 128-deep tiles gave 32). Static report, sm_90,
-            # M = 16, bf16 adapters: no spills, 12 / 15 us predicted on an H200 (triton 3.6 /
-            # 3.9) against 39 / 49 us; 128-deep N steps spill 40 B on 3.9.
-            tiles = Tiles(16, 64, 32, 4, 4)
-        mask_t = _as_u8(masks[0], ds_t.view(torch.uint8))
-        # The dX tile is [BLOCK_M, BLOCK_K]; the N loop steps by BLOCK_N.
-        submit(Launch(
-            flare_dx_kernel,
-            (triton.cdiv(m, tiles.block_m) * triton.cdiv(k, tiles.block_k),),
-            (
-                dy, *_strides(dy), dx, *_strides(dx),
-                *_weight_pointers(w, row_blocks),
-                lora_A, lora_A.stride(0), lora_A.stride(1),
-                lora_B, lora_B.stride(0), lora_B.stride(1),
-                s_t, s_t if s_s is None else s_s, ds_t, ds_t if ds_s is None else ds_s, r,
-                mask_t, *_strides(mask_t),
-                _keep_scale(dropout_p), scaling,
-                m, n, k, r,
-            ),
-            dict(
-                LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested,
-                ROW_BLOCKS=row_blocks,
-                LORA=2 if fused_dz else 1, FUSION=FUSIONS.index(fusion) if fused_dz else 0,
-                NEED_SRC_S=need_src_s and fused_dz, DROPOUT=dropout,
-                LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=target.interpret,
-                BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
-                GROUP_M=GROUP_M,
-            ),
-            _options(tiles),
-        ))  # fmt: skip
+        _dx_fused(call, dy, dx, s_t, s_s, ds_t, ds_s, fused_dz, need_src_s, fusion, target)
 
     d_a = d_b = None
     if need_da:
@@ -632,3 +610,75 @@ def backward(
     if need_db:
         d_b = (lora_reduce(z.float(), dy, lora_dtype=lora_B.dtype, target=target).t() * scaling).to(lora_B.dtype)
     return Grads(dx, d_a, d_b, d_params)
+
+
+def _dx_fused(call: LoraCall, dy, dx, s_t, s_s, ds_t, ds_s, fused_dz: bool, need_src_s: bool, fusion: str,
+              target: Target) -> None:  # fmt: skip
+    """dX on the "fused" route: flare_dx_kernel (the W tile dequantized in its N loop), split
+    over N at decode sizes with flare_dx_splitn_epilogue_kernel adding the splits in order."""
+    x, w, lora_A, lora_B, scaling, dropout_p, masks = call.x, call.weight, call.lora_A, call.lora_B, call.scaling, \
+        call.dropout_p, call.masks
+    m, k = x.shape
+    n, r = w.out_features, lora_A.shape[0]
+    row_blocks = _row_blocks(w)
+    tiles = _gemm_tiles(m, two_streams=False, target=target, row_blocks=row_blocks, wide=x.dtype == torch.float32)
+    if m <= 64 and not target.interpret:
+        tiles = DX_DECODE_TILES if m <= 16 else DX_SMALL_TILES
+    programs = triton.cdiv(m, tiles.block_m) * triton.cdiv(k, tiles.block_k)
+    # dX's grid runs over K tiles and its loop over N: at decode sizes N is split until the launch
+    # has two programs per SM, as the forward splits K.
+    splits, per_split = _k_splits(n, tiles.block_n, programs, target) if m <= 64 else (1, n)
+    mask_t = _as_u8(masks[0], ds_t.view(torch.uint8))
+    lora = 2 if fused_dz else 1
+    switches = dict(
+        LORA=lora, FUSION=FUSIONS.index(fusion) if fused_dz else 0,
+        NEED_SRC_S=need_src_s and fused_dz, DROPOUT=dropout_p > 0.0,
+        LORA_DTYPE=_lora_dtype(lora_A), INTERPRET=target.interpret,
+    )
+    s_args = (s_t, s_t if s_s is None else s_s, ds_t, ds_t if ds_s is None else ds_s, r)
+    tail = (mask_t, *_strides(mask_t), _keep_scale(dropout_p), scaling)
+    out, dz_out = dx, ds_t
+    if splits > 1:
+        out = torch.empty((splits, m, k), device=x.device, dtype=torch.float32)
+        dz_out = torch.empty((splits, m, r), device=x.device, dtype=torch.float32) if lora == 2 else ds_t
+    submit(Launch(
+        flare_dx_kernel,
+        (programs, splits),
+        (
+            dy, *_strides(dy), out, *_strides(dx),
+            *_weight_pointers(w, row_blocks),
+            lora_A, lora_A.stride(0), lora_A.stride(1),
+            lora_B, lora_B.stride(0), lora_B.stride(1),
+            s_args[0], s_args[1], dz_out, s_args[3], r,
+            *tail,
+            m, n, k, r,
+            per_split, m * k, m * r,
+        ),
+        dict(
+            LOG2_BS=int(math.log2(w.blocksize)), NESTED=w.nested, ROW_BLOCKS=row_blocks, **switches,
+            SPLIT_N=splits > 1,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=_block_r(r),
+            GROUP_M=GROUP_M,
+        ),
+        _options(tiles),
+    ))  # fmt: skip
+    if splits == 1:
+        return
+    block_m = 16 if m <= 16 else 32
+    m_tiles = triton.cdiv(m, block_m)
+    # Narrow K tiles where rows are few: two programs per SM (M = 16: 4096 / 16 = 256).
+    block_k = next((bk for bk in (128, 64, 32) if m_tiles * triton.cdiv(k, bk) >= 2 * target.num_sms), 16)
+    submit(Launch(
+        flare_dx_splitn_epilogue_kernel,
+        (m_tiles, triton.cdiv(k, block_k)),
+        (
+            out, k, m * k, dz_out, m * r,
+            dx, *_strides(dx),
+            lora_A, lora_A.stride(0), lora_A.stride(1),
+            *s_args,
+            *tail,
+            m, k, r, splits,
+        ),
+        dict(**switches, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(r)),
+        dict(num_warps=1),
+    ))  # fmt: skip

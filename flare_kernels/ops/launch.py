@@ -151,7 +151,9 @@ def _gemm_tiles(rows: int, two_streams: bool, target: Target, row_blocks: bool =
         # triton 3.6 / 3.9, warp-instructions per weight, two streams with fp32 / bf16 adapters:
         # 0.26 / 0.27 and 0.25 / 0.27; one stream 0.23 (64-wide tiles at 4 stages: 0.35 / 0.41,
         # 0.38 / 0.44 and 0.37; 64 x 128-deep: 0.32 / 0.36).
-        return Tiles(32 if two_streams else 64, 128, 64, 4, 3)
+        # Blocks across rows (element-wise dequantization) need more shared memory: 243,712 B for
+        # this tile at 3 stages (an H100 has 232,448 B); they keep the 64-wide one.
+        return Tiles(32 if two_streams else 64, 128 if row_blocks else 64, 64, 4, 3 if row_blocks else 4)
     if wide:
         # fp32 activations: a 128-row dX tile needs 173,056 B of shared memory even at 2 stages on
         # an A100 (166,912 B; tests/test_aot_compile.py); 64 rows need 107,520 B.
@@ -622,8 +624,10 @@ def _dx_fused(call: LoraCall, dy, dx, s_t, s_s, ds_t, ds_s, fused_dz: bool, need
     n, r = w.out_features, lora_A.shape[0]
     row_blocks = _row_blocks(w)
     tiles = _gemm_tiles(m, two_streams=False, target=target, row_blocks=row_blocks, wide=x.dtype == torch.float32)
-    if m <= 64 and not target.interpret:
-        tiles = DX_DECODE_TILES if m <= 16 else DX_SMALL_TILES
+    if m <= 16 and not target.interpret:
+        tiles = DX_DECODE_TILES
+    elif m <= 64 and row_blocks and not target.interpret:  # across rows: 352,256 B of shared memory at 4 stages
+        tiles = DX_SMALL_TILES
     programs = triton.cdiv(m, tiles.block_m) * triton.cdiv(k, tiles.block_k)
     # dX's grid runs over K tiles and its loop over N: at decode sizes N is split until the launch
     # has two programs per SM, as the forward splits K.

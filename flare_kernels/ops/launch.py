@@ -152,8 +152,9 @@ def _gemm_tiles(rows: int, two_streams: bool, target: Target, row_blocks: bool =
         # 0.26 / 0.27 and 0.25 / 0.27; one stream 0.23 (64-wide tiles at 4 stages: 0.35 / 0.41,
         # 0.38 / 0.44 and 0.37; 64 x 128-deep: 0.32 / 0.36).
         # Blocks across rows (element-wise dequantization) need more shared memory: 243,712 B for
-        # this tile at 3 stages (an H100 has 232,448 B); they keep the 64-wide one.
-        return Tiles(32 if two_streams else 64, 128 if row_blocks else 64, 64, 4, 3 if row_blocks else 4)
+        # this tile at 3 stages (an H100 has 232,448 B), and 194,560 B for a 64-wide one at 4 (an
+        # A100 has 166,912 B): 64 wide at 2 stages.
+        return Tiles(32 if two_streams else 64, 128 if row_blocks else 64, 64, 4, 3 if row_blocks else 2)
     if wide:
         # fp32 activations: a 128-row dX tile needs 173,056 B of shared memory even at 2 stages on
         # an A100 (166,912 B; tests/test_aot_compile.py); 64 rows need 107,520 B.

@@ -10,6 +10,9 @@ A saved adapter directory::
                                  the fusion parameter file
     flare_fusion.safetensors     cross_attention parameters (base_model.model.<path>.fusion_module.q.weight, ...),
                                  only for that fusion
+    flare_mt.safetensors         FLARE MT's map (flare_mt.map.weight [hidden, d_nllb], flare_mt.map.bias), only
+                                 for FLARE MT; flare_config.json's "mt" names the NLLB checkpoint (its frozen
+                                 encoder is referenced, not saved) and the language codes
 
 Plain PEFT reads the first two files and ignores the rest, so ``peft.PeftModel.from_pretrained``
 loads a FLARE adapter as a LoRA adapter with the fusion dropped: its output equals
@@ -35,6 +38,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FLARE_CONFIG = "flare_config.json"
 FUSION_WEIGHTS = "flare_fusion.safetensors"
+MT_WEIGHTS = "flare_mt.safetensors"
 FORMAT_VERSION = 1
 _PICKLED = ("adapter_model.bin", "pytorch_model.bin")
 
@@ -105,15 +109,17 @@ def save_flare_adapter(flare_model, path) -> Path:
     """Write ``flare_model``'s adapter to directory ``path`` (created if needed); returns the path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    main, fusion = {}, {}
+    main, fusion, mt = {}, {}, {}
     for kind, key, tensor in flare_model._adapter_tensors():
-        (fusion if kind == "fusion" else main)[key] = tensor
+        {"fusion": fusion, "mt": mt}.get(kind, main)[key] = tensor
     meta = {"format": "pt", "flare_format_version": str(FORMAT_VERSION)}
     _write_tensors(path / ADAPTER_WEIGHTS, main, meta)
-    if fusion:
-        _write_tensors(path / FUSION_WEIGHTS, fusion, meta)
-    elif (path / FUSION_WEIGHTS).exists():
-        (path / FUSION_WEIGHTS).unlink()  # a stale file from an earlier save would be loaded back
+    for file, tensors in ((FUSION_WEIGHTS, fusion), (MT_WEIGHTS, mt)):
+        if tensors:
+            _write_tensors(path / file, tensors, meta)
+        elif (path / file).exists():
+            (path / file).unlink()  # a stale file from an earlier save would be loaded back
+    source = flare_model.mt_source
     _write_json(path / ADAPTER_CONFIG, peft_lora_config(flare_model))
     _write_json(
         path / FLARE_CONFIG,
@@ -126,6 +132,14 @@ def save_flare_adapter(flare_model, path) -> Path:
             "fusion_weights": FUSION_WEIGHTS if fusion else None,
             "padding_side": flare_model.padding_side,
             "base_model_class": type(flare_model.base_model).__name__,
+            "mt": None
+            if source is None
+            else {
+                "model_path": source.model_path,
+                "language_codes": source.language_codes,
+                "in_features": source.map.in_features,
+                "out_features": source.map.out_features,
+            },
         },
     )
     return path
@@ -173,13 +187,14 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     return load_file(str(file))
 
 
-def load_flare_model(model: nn.Module, path, *, is_trainable: bool = False):
+def load_flare_model(model: nn.Module, path, *, is_trainable: bool = False, mt_model: str | None = None):
     """Wrap ``model`` (a fresh transformers model) and load the adapter saved at ``path``.
 
     Reads safetensors files only: a directory holding only a pickled ``adapter_model.bin`` is
     refused rather than unpickled. With ``is_trainable=False`` (the default, as in PEFT) the
     adapters are frozen and the model is put in eval mode; pass True to continue training.
-    Returns a :class:`FlareModel`.
+    ``mt_model``: for a FLARE MT adapter, the NLLB checkpoint to load instead of the one it records
+    (a run folder that moved: ``flare eval --run-dir`` passes the run's own). Returns a :class:`FlareModel`.
     """
     from .model import get_flare_model
 
@@ -233,6 +248,18 @@ def load_flare_model(model: nn.Module, path, *, is_trainable: bool = False):
             raise FileNotFoundError(f"{fusion_file} not found (cross_attention parameters)")
         state.update(_load_tensors(fusion_file))
     flare_model = get_flare_model(model, config)
+    mt = flare.get("mt") if (path / FLARE_CONFIG).exists() else None
+    if mt:
+        from .modeling.mt_source import load_mt_source
+
+        if not (path / MT_WEIGHTS).exists():
+            raise FileNotFoundError(f"{path / MT_WEIGHTS} not found (FLARE MT's map)")
+        device = next(model.parameters()).device
+        flare_model.attach_mt_source(
+            load_mt_source(mt_model or mt["model_path"], int(mt["out_features"]), language_codes=mt["language_codes"],
+                           device=device)  # fmt: skip
+        )
+        state.update(_load_tensors(path / MT_WEIGHTS))
     try:
         flare_model.load_adapter_state_dict(state, strict=True)
     except (KeyError, ValueError) as exc:

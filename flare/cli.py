@@ -4,6 +4,7 @@
     flare train --task xnli --model meta-llama/Llama-3.1-8B --languages sw,ur --test-translations ...
     flare eval --run-dir flare-output    per-language table on screen, JSON on disk
     flare translate --task xnli --mode test --lang sw --split test --output sw-test.jsonl
+    flare reproduce --spec spec.json     the paper's table: every (task, model, method, seed) cell, resumable
 
 Every ``flare train`` option is a ``flare.train.TrainConfig`` field (``--learning-rate`` ->
 ``learning_rate``); ``--config run.json`` reads a JSON file of fields first. Lists are comma-separated.
@@ -193,7 +194,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace):
     from .train.config import TrainConfig
 
-    skip = ("command", "config", "func", "verbose", "debug", "distributed")
+    skip = ("command", "config", "func", "verbose", "debug", "distributed", "dry_run")
     given = {k: v for k, v in vars(args).items() if k not in skip}
     for name in ("languages", "stages", "fusion_modules", "modules_to_save"):
         if name in given:
@@ -214,9 +215,25 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.builtin(**values) if builtin else TrainConfig.from_dict(values), builtin
 
 
+def _given_fields(args: argparse.Namespace) -> set[str]:
+    """The TrainConfig fields the user gave (on the command line or in --config): they win over --recipe."""
+    from .train.config import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k for k in vars(args) if k in names}
+    if args.config:
+        given |= set(json.loads(Path(args.config).read_text())) & names  # parsed (and checked) by _train_config
+    return given
+
+
 # ------------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     cfg, builtin = _train_config(args)
+    if args.dry_run:  # the resolved settings, and where each came from; nothing is trained or written
+        from .recipes import resolve
+
+        print(resolve(cfg, _given_fields(args)).table())
+        return 0
     if args.distributed is not None:  # read by flare.train.distributed.init_distributed in every process
         os.environ["FLARE_DISTRIBUTED"] = args.distributed
     if builtin:
@@ -235,7 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        result = train(cfg)
+        result = train(cfg, explicit=_given_fields(args))
     except TrainingStopped as stop:
         print(f"flare train: {stop}", file=sys.stderr)
         return EXIT_STOPPED
@@ -275,20 +292,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, write_result
     from .train.inputs import load_eval_rows
     from .train.loop import autocast_factory
+    from .train.methods import STAGE1_MODES, check_rescoring, eval_inputs, resolve_eval_mode, uses_english
     from .train.restore import eval_device, load_run_model, read_run_config, run_adapter, run_status
     from .train.runner import check_output_dir
+    from .train.stage1_reuse import stage1_dir
 
     run_dir = Path(args.run_dir)
-    read_run_config(run_dir)  # not a run: one line, before anything else
-    output = Path(args.output or run_dir / f"eval-{args.split}.json")
+    run_cfg = read_run_config(run_dir)  # not a run: one line, before anything else
+    eval_source = args.eval_source or run_cfg.eval_source
+    mode = resolve_eval_mode(run_cfg.method, args.eval_mode or run_cfg.eval_mode, eval_source)
+    check_rescoring(run_cfg, mode, run_dir)
+    scoring = eval_inputs(run_cfg.method, mode, run_cfg.max_length)  # flare-mt not yet wired: one line
+    if eval_source == "none" and uses_english(run_cfg.method, mode):
+        raise ValueError(f"--eval-mode {mode} reads the English of the rows, which --eval-source none drops")
+    stage = "stage1" if mode in STAGE1_MODES else "stage2"
+    if stage == "stage1" and args.adapter:
+        raise ValueError(f"--adapter names a stage-2 adapter; --eval-mode {mode} scores the run's stage 1")
+    suffix = f"-{args.eval_mode}" if args.eval_mode else ""
+    output = Path(args.output or run_dir / f"eval-{args.split}{suffix}.json")
     if output.is_dir():
         raise IsADirectoryError(f"--output {output} is a folder; give a file name")
     check_output_dir(output.parent, "--output")  # a read-only run fails now, not after scoring everything
-    adapter = Path(args.adapter) if args.adapter else run_adapter(run_dir)
-    unfinished = run_status(run_dir)
+    if stage == "stage1":
+        adapter, unfinished = stage1_dir(run_dir, run_cfg) / "adapter", None
+    else:
+        adapter = Path(args.adapter) if args.adapter else run_adapter(run_dir)
+        unfinished = run_status(run_dir)
     if unfinished:
         print(f"flare eval: warning: {unfinished}", file=sys.stderr)
-    model, tokenizer, family, cfg, task = load_run_model(run_dir, adapter=adapter, device=args.device)
+    model, tokenizer, family, cfg, task = load_run_model(run_dir, adapter=adapter, device=args.device, stage=stage)
     if cfg.model is None:
         import torch
 
@@ -309,7 +341,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.languages:
         overrides["languages"] = _parse_list(args.languages)
     cfg = dataclasses.replace(cfg, **overrides)
-    rows = load_eval_rows(cfg, task, args.split)
+    rows = scoring.rows_by_lang(load_eval_rows(cfg, task, args.split, mode=mode), task)
     device = eval_device(model)
     result = evaluate(
         model,
@@ -318,13 +350,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         family,
         rows,
         split=args.split,
-        max_length=cfg.max_length,
+        max_length=scoring.max_length,
         batch_size=args.batch_size or cfg.eval_batch_size,
-        use_source=cfg.eval_source != "none",
+        use_source=scoring.use_source,
         device=device,
-        autocast=autocast_factory(cfg, device),
+        autocast=autocast_factory(cfg, device, stage),
         progress=True,
+        alignment=cfg.decoder_alignment,  # scored as the run was trained and scored
+        scoring=cfg.decoder_eval,
     )
+    result.method, result.eval_mode = cfg.method, mode
     print(result.table())
     write_result(result, output, run_dir=str(run_dir), adapter=str(adapter), finished=not unfinished)
     print(f"wrote {output}")
@@ -376,6 +411,27 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import ReproduceStopped, builtin_spec, load_spec, reproduce
+
+    spec = load_spec(args.spec) if args.spec else builtin_spec()
+    if all(m.model is None for m in spec.models):
+        import torch
+
+        torch.set_num_threads(1)  # the built-in tiny model only: see cmd_train
+    try:
+        summary = reproduce(spec, args.output_dir, dry_run=args.dry_run, overwrite=args.overwrite)
+    except ReproduceStopped as stop:
+        print(f"flare reproduce: {stop}", file=sys.stderr)
+        return EXIT_STOPPED
+    if not args.dry_run:
+        table = summary.output_dir / "table.md"
+        print()
+        print(table.read_text(encoding="utf-8"))
+        print("wrote " + ", ".join(str(f) for f in summary.files))
+    return 0
+
+
 def _hub_rows_for_translation(task, args) -> list[dict]:
     from .data import hub
 
@@ -409,11 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flare",
         description="FLARE cross-lingual fine-tuning (QLoRA + language fusion). Exit codes: 0 done, 2 bad "
         "arguments or input (one line on stderr; --debug shows the traceback), 3 stopped early with a "
-        "checkpoint (continue with flare train --resume).",
+        "checkpoint (continue with flare train --resume; flare reproduce: run it again).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,translate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,translate,reproduce}")
 
     p = sub.add_parser(
         "train",
@@ -425,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
         "not hold another run (--resume continues one, --overwrite replaces it).",
     )
     p.add_argument("--config", help="JSON file of TrainConfig fields (command-line options override it)")
+    p.add_argument(
+        "--dry-run", action="store_true", default=False,
+        help="print the resolved settings (after --recipe; each marked given, recipe, built-in or default) and exit "
+        "without training or writing anything",
+    )  # fmt: skip
     p.add_argument(
         "--distributed", choices=("ddp", "fsdp"), default=None,
         help="under torchrun / accelerate launch: ddp replicates the model on every process; fsdp shards its "
@@ -438,12 +499,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="evaluate a trained run: per-language table and JSON",
-        description="Score a run of flare train (its stage-2 adapter over the stage-1-merged base) on the "
-        "validation or test rows: a per-language table on screen, the same as JSON on disk. A run that did not "
+        description="Score a run of flare train (its stage-2 adapter over the stage-1-merged base; with --eval-mode "
+        "zero-shot or translate-test its stage-1 model) on the validation or test rows: a per-language table on screen, the same as JSON on disk. A run that did not "
         "finish is scored with a warning. Data options default to the run's own settings.",
     )
     p.add_argument("--run-dir", default="flare-output", help="output folder of flare train (default: flare-output)")
     p.add_argument("--adapter", help="stage-2 adapter folder (default: the run's stage2/best, else stage2/adapter)")
+    from .train.config import EVAL_MODES
+
+    p.add_argument(
+        "--eval-mode", choices=EVAL_MODES, default=None,
+        help="score the run in another mode: fused | target (its stage-2 adapter; target: no English) | "
+        "translate-test | zero-shot (its stage-1 model) | auto (the method's own) (default: the run's; the JSON then "
+        "goes to eval-<split>-<mode>.json)",
+    )  # fmt: skip
     p.add_argument("--split", choices=("validation", "test"), default="test", help="rows to score (default: test)")
     p.add_argument("--languages", help="comma-separated subset of languages (default: the run's)")
     for name, what in (
@@ -519,6 +588,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted translation (default: no)")
     _common(p)
     p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser(
+        "reproduce",
+        help="the paper's table: run the missing cells of an experiment spec, write CSV, table and plot",
+        description="Run an experiment spec (tasks, models, methods, seeds; see flare.reproduce.spec) as one flare "
+        "train run per cell, all methods of a (task, model, seed) sharing one English stage 1, then write "
+        "results.csv, table.md (per task and model: methods x languages, mean ± std over seeds) and averages.png. "
+        "Finished cells are never rerun and interrupted ones are resumed: run the same command again to continue. "
+        "Without --spec: the built-in toy experiment (toy task, tiny model, all six methods, two seeds; minutes "
+        "on a CPU).",
+    )
+    p.add_argument("--spec", help="experiment spec, JSON (or YAML with PyYAML) (default: the built-in toy one)")
+    p.add_argument("--output-dir", help="where the cells and the table go (default: the spec's, else flare-reproduce)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run and write nothing (default: no)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="rerun cells whose stored settings differ from the spec (default: no)"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -23,6 +23,10 @@ Conventions:
   ``generate`` refuses them; the per-token ones (add, mul, add_relu) are causal.
 * Cost in training: the source stream does no backward work, stores one tensor per fused block
   and is not recomputed under gradient checkpointing (numbers in ``forward``).
+* FLARE MT (``attach_mt_source``): no English stream; the source of every fusion projection is the
+  frozen NLLB encoder's states of the TARGET text through a trainable map, aligned by character
+  offsets (``flare.modeling.mt_source``, ``mt_align``); the call then takes ``mt_input_ids``,
+  ``mt_attention_mask``, ``mt_alignment`` instead of ``source_input_ids``.
 """
 
 from __future__ import annotations
@@ -39,12 +43,15 @@ from .config import FlareConfig
 from .modeling.backbone import BackboneHooks
 from .modeling.context import Owner, TwoStreams, activate, install_checkpoint_wrappers
 from .modeling.inputs import align_streams, check_length, check_streams, is_decoder_model, model_max_length
+from .modeling.mt_align import MT_KEYS
+from .modeling.mt_source import MTCapture, MTSource
 from .modeling.projection import PROJECTION_TYPES, FlareProjection4bit, FlareProjectionDense
 from .modeling.source_pass import CapturedSource, run_source_pass
 from .modeling.targets import Targets, resolve_targets
 from .modeling.trainable_copy import TrainableCopy
 
 PEFT_PREFIX = "base_model.model."
+MT_PREFIX = "flare_mt."  # FLARE MT's map: flare_mt.map.weight [hidden, d_nllb], flare_mt.map.bias
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -72,6 +79,7 @@ class FlareModel(nn.Module):
         self.padding_side = "left" if is_decoder_model(model) else "right"
         self.max_length = model_max_length(model)
         self._merged = False
+        self.mt_source = None  # FLARE MT's NLLB encoder + trainable map (attach_mt_source)
         self._wrap()
 
     # ================================================================ construction
@@ -114,6 +122,21 @@ class FlareModel(nn.Module):
     # ================================================================ views
     def get_base_model(self) -> nn.Module:
         return self.base_model
+
+    def attach_mt_source(self, mt_source: MTSource) -> None:
+        """Make this a FLARE MT model: every fusion projection reads ``mt_source``'s mapped NLLB states
+        of the target text (``forward(..., mt_input_ids=, mt_attention_mask=, mt_alignment=)``)."""
+        if not isinstance(mt_source, MTSource):
+            raise TypeError(f"mt_source must be an MTSource, got {type(mt_source).__name__}")
+        if not self.config.fuses:
+            raise ValueError("FLARE MT needs a fusing adapter config (fusion != 'none' and fusion_modules)")
+        widths = {m.in_features for m in self.fusion_projections().values()}
+        if widths != {mt_source.map.out_features}:
+            raise ValueError(
+                f"the MT map gives width {mt_source.map.out_features} but the fusion projections read {sorted(widths)}; "
+                "FLARE MT fuses projections that read the hidden state (q_proj, v_proj)"
+            )
+        self.mt_source = mt_source
 
     def projections(self) -> dict[str, nn.Module]:
         """Adapted projection path -> module (``FlareProjection4bit`` / ``FlareProjectionDense``)."""
@@ -180,12 +203,15 @@ class FlareModel(nn.Module):
             **kwargs: passed to the wrapped model (``start_positions``, ``token_type_ids``, ...).
         """
         self._check_usable()
+        mt_inputs = {k: v for k in MT_KEYS if (v := kwargs.pop(k, None)) is not None}
         if labels is not None:
             kwargs["labels"] = labels
         if self.training and self._accepts_use_cache:
             kwargs.setdefault("use_cache", False)  # no KV cache to build while training
         # Also for plain calls: a block recomputed under checkpointing must see disable_adapters().
         install_checkpoint_wrappers(self._checkpointable)
+        if mt_inputs or self.mt_source is not None:
+            return self._mt_forward(input_ids, attention_mask, source_input_ids, mt_inputs, kwargs)
         if source_input_ids is None:
             check_streams(input_ids, attention_mask, None, source_attention_mask)
             if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
@@ -222,6 +248,28 @@ class FlareModel(nn.Module):
             with activate(self._owner, captured=captured):
                 return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         with activate(self._owner, streams=streams):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _mt_forward(self, input_ids, attention_mask, source_input_ids, mt_inputs: dict, kwargs: dict):
+        """FLARE MT: one stream (the target), every fusion projection reading the mapped NLLB source.
+        No English text and no source pass of the LLM: the source is computed from the target text."""
+        if self.mt_source is None:
+            raise ValueError("mt_input_ids given, but this FlareModel has no MT source (attach_mt_source)")
+        if source_input_ids is not None:
+            raise ValueError("a FLARE MT model reads no English source stream; pass mt_input_ids, not source_input_ids")
+        missing = [k for k in MT_KEYS if k not in mt_inputs]
+        if missing:
+            raise ValueError(f"a FLARE MT model needs {', '.join(MT_KEYS)} with the input; missing {', '.join(missing)}")
+        input_ids, attention_mask, _, _ = check_streams(input_ids, attention_mask, None, None)
+        check_length(input_ids.shape[1], self.max_length)
+        if mt_inputs["mt_alignment"].shape[1] != input_ids.shape[1]:
+            raise ValueError(
+                f"mt_alignment covers {mt_inputs['mt_alignment'].shape[1]} positions, input_ids {input_ids.shape[1]}"
+            )
+        if self._accepts_use_cache:
+            kwargs["use_cache"] = False  # FlareModel.generate decodes with the cache
+        captured = MTCapture(self.mt_source(**mt_inputs), target_attention_mask=attention_mask)
+        with activate(self._owner, captured=captured):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def capture_source(self, streams: TwoStreams, extra: dict | None = None) -> CapturedSource:
@@ -261,6 +309,17 @@ class FlareModel(nn.Module):
         from .modeling.generation import generate
 
         self._check_usable()
+        mt_inputs = {k: v for k in MT_KEYS if (v := kwargs.pop(k, None)) is not None}
+        if mt_inputs or self.mt_source is not None:
+            from .modeling.mt_generate import mt_generate
+
+            if source_input_ids is not None or do_sample or kwargs.get("return_dict_in_generate"):
+                raise ValueError("a FLARE MT model decodes greedily from mt_input_ids alone (no source stream)")
+            if self.mt_source is None or len(mt_inputs) != len(MT_KEYS):
+                raise ValueError(f"FLARE MT decoding needs a model with an MT source and {', '.join(MT_KEYS)}")
+            return mt_generate(self, input_ids, attention_mask, mt_inputs, max_new_tokens=max_new_tokens,
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                               use_cache=kwargs.get("use_cache", True))  # fmt: skip
         return generate(
             self, input_ids, attention_mask, source_input_ids, source_attention_mask,
             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
@@ -350,6 +409,9 @@ class FlareModel(nn.Module):
         for path, wrapper in self.saved_modules().items():
             for name, t in wrapper.trained_module.state_dict(keep_vars=True).items():
                 yield "saved", f"{PEFT_PREFIX}{path}.{name}", t
+        if self.mt_source is not None:
+            for name, t in self.mt_source.map_state_dict().items():
+                yield "mt", f"{MT_PREFIX}{name}", t
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Every trained tensor (LoRA A/B, fusion parameters, modules_to_save), keyed as in the saved files.

@@ -307,6 +307,9 @@ def encode_encoder(task: Task, tokenizer, row: dict, stream: str, max_length: in
     )
     seq_ids = enc.sequence_ids()
     offsets = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"], seq_ids)]
+    limit = row.get("answer_context_chars")  # input-level fusion: answers come from the target part of the context
+    if limit is not None:
+        offsets = [o if o is not None and o[1] <= limit else None for o in offsets]
     out = Encoded(prompt=list(enc["input_ids"]), offsets=offsets)
     if with_answer:
         answers = row["answers"] if stream == "target" else (row.get("source_answers") or row["answers"])

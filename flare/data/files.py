@@ -144,9 +144,31 @@ def read_rows(
     return validate_rows(rows, kind, name=str(path), label_names=label_names)
 
 
-def read_translations(path: str | os.PathLike) -> dict[str, dict]:
-    """{id: {source field: value}} from a translation file (flare translate's output)."""
-    out = {}
+class Translations(dict):
+    """{(lang, id): {source field: value}} of a translation file; lang is None for a record that
+    names no language.
+
+    Row ids repeat across languages: XNLI's "test-0" is the same id in each of its 15 languages and
+    NusaX is parallel, so a file joining several languages' translations (flare translate writes
+    each record's ``lang``) is matched on (lang, id), and on the id alone only where the record
+    names no language.
+    """
+
+    def for_row(self, row: Mapping) -> dict:
+        key = str(row["id"])
+        hit = self.get((row.get("lang"), key))
+        return hit if hit is not None else self.get((None, key), {})
+
+    def matching(self, rows: Iterable[Mapping]) -> set:
+        """The keys that some row reads."""
+        rows = list(rows)
+        keys = {(r.get("lang"), str(r["id"])) for r in rows} | {(None, str(r["id"])) for r in rows}
+        return keys & set(self)
+
+
+def read_translations(path: str | os.PathLike) -> Translations:
+    """The English fields of a translation file (flare translate's output), by (lang, id)."""
+    out = Translations()
     for i, record in enumerate(read_table(path)):
         if record.get("id") is None:
             raise ValueError(f"{path}: translation record {i} has no 'id'")
@@ -156,19 +178,27 @@ def read_translations(path: str | os.PathLike) -> dict[str, dict]:
         for key in _NESTED:
             if isinstance(fields.get(key), str):
                 fields[key] = json.loads(fields[key])
-        out[str(record["id"])] = fields
+        lang = record.get("lang")
+        key = (None if lang is None or lang == "" else str(lang), str(record["id"]))
+        if key in out:
+            where = f" for language {key[0]!r}" if key[0] else " (the file has no 'lang' column)"
+            raise ValueError(
+                f"{path}: id {key[1]!r} appears twice{where}; a file joining several languages needs each record's "
+                "'lang' (flare translate writes it)"
+            )
+        out[key] = fields
     return out
 
 
 def attach_translations(
-    rows: Iterable[dict], translations: Mapping[str, dict], kind: str, *, name: str = "rows"
+    rows: Iterable[dict], translations: Translations, kind: str, *, name: str = "rows"
 ) -> tuple[list[dict], SourceReport]:
-    """Copy each row's English fields from ``translations`` (by id). Returns the rows (all of them)
-    and a report of those still without a complete source."""
+    """Copy each row's English fields from ``translations`` (by language and id). Returns the rows
+    (all of them) and a report of those still without a complete source."""
     out, missing = [], []
     for row in rows:
         row = dict(row)
-        row.update({k: v for k, v in translations.get(str(row["id"]), {}).items() if v is not None})
+        row.update({k: v for k, v in translations.for_row(row).items() if v is not None})
         if not has_source(row, kind):
             missing.append(str(row["id"]))
         out.append(row)

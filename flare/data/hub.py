@@ -198,6 +198,12 @@ def load_tydiqa(lang: str, split: str, *, path: str = TYDIQA_HUB, name: str = TY
     return rows
 
 
+def load_tydiqa_english(split: str, *, path: str = TYDIQA_HUB, name: str = TYDIQA_CONFIG) -> list[dict]:
+    """TyDiQA-GoldP's English rows (ids "english-..."), their own source: the authors' stage-1 data for
+    TyDiQA (3,696 train rows against SQuAD's 87,599, in TyDiQA's own style of question and passage)."""
+    return load_tydiqa("en", split, path=path, name=name)
+
+
 def load_squad(split: str, *, path: str = SQUAD_HUB, name: str = SQUAD_CONFIG) -> list[dict]:
     """SQuAD v1.1 (English QA; TyDiQA's English counterpart for stage 1 and translate-train)."""
     rows = _qa_rows(load_split(HubSource(path, name), split), "en", f"squad/{split}")

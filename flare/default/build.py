@@ -101,3 +101,72 @@ def load_4bit(
     )
     cls = model_class or AutoModelForCausalLM
     return cls.from_pretrained(str(path), quantization_config=quant, dtype=compute_dtype, device_map={"": device})
+
+
+# FLARE MT's built-in NLLB: an M2M100 (NLLB's architecture) this small encodes a toy batch in about
+# a millisecond. The toy task's invented languages get their own NLLB-style codes (NLLB-200 has none).
+TINY_NLLB = dict(
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=256,
+)
+TOY_NLLB_CODES = {"qaa": "qaa_Latn", "qab": "qab_Latn"}
+
+
+def build_nllb_tokenizer(sample_path: Path = SAMPLE_PATH, vocab_size: int = 400):
+    """A real ``NllbTokenizer`` (fast, with offsets) over a BPE trained on the sample's texts, with
+    NLLB-200's language codes plus the toy languages' (``TOY_NLLB_CODES``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import NllbTokenizer
+    from transformers.models.nllb.tokenization_nllb import FAIRSEQ_LANGUAGE_CODES
+
+    texts = []
+    with open(sample_path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [row["text"], row["source_text"]]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    bpe.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    )
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in state["merges"]]
+    codes = list(FAIRSEQ_LANGUAGE_CODES) + [c for c in TOY_NLLB_CODES.values() if c not in FAIRSEQ_LANGUAGE_CODES]
+    return NllbTokenizer(vocab=state["vocab"], merges=merges, additional_special_tokens=codes)
+
+
+def save_tiny_nllb(path: str | os.PathLike, *, seed: int = 0, sample_path: Path = SAMPLE_PATH) -> Path:
+    """Write a randomly initialized tiny NLLB-shaped M2M100 model, its tokenizer and the toy
+    languages' codes (``flare_mt_languages.json``) to ``path``; complete or absent."""
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
+
+    from ..modeling.mt_source import LANGUAGES_FILE
+
+    path = Path(path)
+    tokenizer = build_nllb_tokenizer(sample_path)
+    config = M2M100Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        **TINY_NLLB,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = M2M100ForConditionalGeneration(config)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / LANGUAGES_FILE).write_text(json.dumps(TOY_NLLB_CODES, indent=2) + "\n", encoding="utf-8")
+    from ..data.files import follow_umask
+
+    follow_umask(tmp)
+    os.replace(tmp, path)
+    return path

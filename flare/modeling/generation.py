@@ -62,6 +62,19 @@ def _eos_set(eos_token_id, model) -> list[int]:
     return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
 
 
+def decoding_setup(model, eos_token_id, pad_token_id) -> tuple[list[int], int, dict, str]:
+    """(EOS ids, pad id, the forward's keep-last-logits argument, its KV-cache argument's name)."""
+    eos = _eos_set(eos_token_id, model)
+    if pad_token_id is None:
+        pad_token_id = getattr(model.config, "pad_token_id", None)
+        pad_token_id = eos[0] if pad_token_id is None and eos else (0 if pad_token_id is None else pad_token_id)
+    accepts = inspect.signature(model.forward).parameters
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+    # transformers >= 5.2x names the KV cache `cache` and warns on `past_key_values` (removed in 5.40)
+    cache_arg = "cache" if "cache" in accepts else "past_key_values"
+    return eos, pad_token_id, keep_last, cache_arg
+
+
 @torch.no_grad()
 def generate(
     flare_model,
@@ -135,14 +148,7 @@ def generate(
         src_ids = src_mask = None
     check_length(input_ids.shape[1] + max_new_tokens, flare_model.max_length, "prompt + max_new_tokens")
 
-    eos = _eos_set(eos_token_id, model)
-    if pad_token_id is None:
-        pad_token_id = getattr(model.config, "pad_token_id", None)
-        pad_token_id = eos[0] if pad_token_id is None and eos else (0 if pad_token_id is None else pad_token_id)
-    accepts = inspect.signature(model.forward).parameters
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
-    # transformers >= 5.2x names the KV cache `cache` and warns on `past_key_values` (removed in 5.40)
-    cache_arg = "cache" if "cache" in accepts else "past_key_values"
+    eos, pad_token_id, keep_last, cache_arg = decoding_setup(model, eos_token_id, pad_token_id)
 
     b = input_ids.shape[0]
     tgt, tgt_mask = input_ids, attention_mask

@@ -31,6 +31,7 @@ from flare_kernels import FlareLinear, FlareLinear4bit
 from flare_kernels.reference.fusion import SEQUENCE_FUSIONS
 
 from .context import Owner, current, in_backward, replaying
+from .mt_fusion import flare_lora_source_grad
 
 
 def zero_padding(source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,6 +155,9 @@ class StreamRouting:
             return self.layer_forward(x)
         source = captured.source_for(self.flare_path, self.block_index, x)
         mask = captured.fusion_mask(x) if self.fusion in SEQUENCE_FUSIONS else None
+        if source.requires_grad:
+            # FLARE MT: the source is a trained map's output; the ops would treat it as a constant.
+            return flare_lora_source_grad(self, x, source, mask)
         return self.layer_forward(x, source, fusion_mask=mask)
 
 

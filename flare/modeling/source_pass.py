@@ -127,10 +127,16 @@ class CapturedSource:
         return s if s.dtype == x_t.dtype else s.to(x_t.dtype)
 
     def fusion_mask(self, x_t: torch.Tensor) -> torch.Tensor | None:
-        if self.target_attention_mask is None:
-            return None
-        mask = self.target_attention_mask.to(torch.bool)
-        return mask[:, mask.shape[1] - x_t.shape[1] :]
+        return key_padding_mask(self.target_attention_mask, x_t)
+
+
+def key_padding_mask(target_attention_mask: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor | None:
+    """The sequence-level fusions' key mask for a projection input ``x_t`` [B, T, H]: the target mask's
+    last T columns (a KV-cached call sees only the newest ones), as bool."""
+    if target_attention_mask is None:
+        return None
+    mask = target_attention_mask.to(torch.bool)
+    return mask[:, mask.shape[1] - x_t.shape[1] :]
 
 
 def _backbone_kwargs(backbone: nn.Module, source_input_ids, source_attention_mask, extra: dict) -> dict:

@@ -9,6 +9,13 @@ Loss normalization: each global batch's loss is sum(token losses) / (number of l
 whole global batch), whatever the split into processes and accumulation steps, so one process with
 batch 32 and four processes with 8 each take the same step. (Per-micro-batch means would weight a
 label token differently depending on its neighbours.)
+
+Decoder alignment (``alignment``): "ours" lays a pair out as flare.tasks describes (prompts aligned
+at their last token, the source carrying its own English answer when training). "authors" is their
+layout, to reproduce their numbers: the target is prompt + answer + EOS, the source the English
+prompt alone, each cut from the left to max_length (the tokenizer's truncation_side="left") and each
+left-padded on its own to the batch's common width, so that the source's last prompt token sits on
+the target's EOS and the target's answer reads source prompt tokens (or padding) at its positions.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..tasks import Encoded, Task, decoder_strings, encode, tokenize_all
+from ..tasks import Encoded, Task, decoder_strings, encode, encode_decoder, tokenize_all
 
 IGNORE = -100
+ALIGNMENTS = ("ours", "authors")
 
 
 @dataclasses.dataclass
@@ -36,6 +44,8 @@ class Example:
     # this row's own (see _fit_prompts). None: no width limit (examples built by hand).
     max_length: int | None = None
     reencode: Callable[[str, int], Encoded] | None = dataclasses.field(default=None, repr=False, compare=False)
+    mt: object | None = dataclasses.field(default=None, repr=False, compare=False)  # FLARE MT: its MTRow
+    alignment: str = "ours"  # decoders: "ours" | "authors" (module docstring)
 
     @property
     def loss_units(self) -> int:
@@ -44,9 +54,23 @@ class Example:
 
 
 def prepare(
-    rows: Sequence[dict], task: Task, tokenizer, family: str, max_length: int, *, with_source: bool, with_answer: bool
+    rows: Sequence[dict],
+    task: Task,
+    tokenizer,
+    family: str,
+    max_length: int,
+    *,
+    with_source: bool,
+    with_answer: bool,
+    alignment: str = "ours",
+    mt=None,
 ) -> list[Example]:
-    """Tokenize rows once (both streams); decoder strings go through the tokenizer in large batches."""
+    """Tokenize rows once (both streams); decoder strings go through the tokenizer in large batches.
+    alignment: how decoder streams are laid out ("ours" | "authors", module docstring; encoders: ignored)."""
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"decoder_alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    if family == "decoder" and alignment == "authors":
+        return _prepare_authors(rows, task, tokenizer, max_length, with_source=with_source, with_answer=with_answer)
     cache = None
     if family == "decoder":
         streams = ("target", "source") if with_source else ("target",)
@@ -66,8 +90,54 @@ def prepare(
         if family == "decoder":
             example.max_length = max_length
             example.reencode = _reencoder(task, tokenizer, row, with_answer)
+        if mt is not None:  # FLARE MT's MTFeaturizer (flare.train.mt): the row's NLLB side
+            example.mt = mt.row(row)
         out.append(example)
     return out
+
+
+def _prepare_authors(
+    rows: Sequence[dict], task: Task, tokenizer, max_length: int, *, with_source: bool, with_answer: bool
+) -> list[Example]:
+    """Decoder examples in the authors' layout: target prompt + answer + EOS, source prompt only, left-truncated."""
+    streams = ("target", "source") if with_source else ("target",)
+    cache = tokenize_all(
+        tokenizer,
+        (
+            t
+            for row in rows
+            for st in streams
+            for t in decoder_strings(task, row, st, with_answer=with_answer and st == "target")
+        ),
+    )
+    eos = tokenizer.eos_token_id
+    out = []
+    for i, row in enumerate(rows):
+        encoded = []
+        for stream in streams:
+            answer_here = with_answer and stream == "target"
+            # No field-wise shortening (a width no prompt reaches): the authors cut whole sequences from the left.
+            enc = encode_decoder(task, tokenizer, row, stream, 1 << 30, with_answer=answer_here, cache=cache)
+            answer = list(enc.answer)
+            if answer_here and eos is not None and (not answer or answer[-1] != eos):
+                answer.append(eos)  # QA answers end with EOS already; label words get it here
+            encoded.append(_cut_left(Encoded(prompt=enc.prompt, answer=answer), max_length, row, stream))
+        label = int(row.get("label", 0)) if task.kind == "classification" else 0
+        source = encoded[1] if with_source else None
+        out.append(Example(i, encoded[0], source, label=label, alignment="authors"))
+    return out
+
+
+def _cut_left(enc: Encoded, max_length: int, row: dict, stream: str) -> Encoded:
+    excess = len(enc.prompt) + len(enc.answer) - max_length
+    if excess <= 0:
+        return enc
+    if excess >= len(enc.prompt):
+        raise ValueError(
+            f"row {row.get('id')!r} ({stream}): its answer alone takes {len(enc.answer)} of max_length={max_length} "
+            "tokens; raise --max-length"
+        )
+    return Encoded(prompt=enc.prompt[excess:], answer=enc.answer)
 
 
 def _reencoder(task: Task, tokenizer, row: dict, with_answer: bool) -> Callable[[str, int], Encoded]:
@@ -156,6 +226,17 @@ def _decoder_rows(encs: list[Encoded], prompt_len: int, answer_len: int, pad: in
     return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels)
 
 
+def _authors_rows(encs: list[Encoded], width: int, pad: int):
+    """Each row [left padding] prompt answer, right-aligned at ``width``; labels on the answer tokens."""
+    ids, mask, labels = [], [], []
+    for e in encs:
+        n = len(e.prompt) + len(e.answer)
+        ids.append([pad] * (width - n) + e.prompt + e.answer)
+        mask.append([0] * (width - n) + [1] * n)
+        labels.append([IGNORE] * (width - len(e.answer)) + e.answer)
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels)
+
+
 def _encoder_rows(encs: list[Encoded], length: int, pad: int):
     ids = [e.prompt + [pad] * (length - len(e.prompt)) for e in encs]
     mask = [[1] * len(e.prompt) + [0] * (length - len(e.prompt)) for e in encs]
@@ -172,7 +253,16 @@ def collate(examples: Sequence[Example], family: str, task: Task, pad_id: int, *
         raise ValueError("a batch mixes rows with and without an English source")
     both = targets + sources
     batch: dict = {}
-    if family == "decoder":
+    if family == "decoder" and examples and examples[0].alignment == "authors":
+        width = max(len(e.prompt) + len(e.answer) for e in both)
+        batch["input_ids"], batch["attention_mask"], labels = _authors_rows(targets, width, pad_id)
+        if sources:
+            batch["source_input_ids"], batch["source_attention_mask"], _ = _authors_rows(sources, width, pad_id)
+        answer_len = max(len(e.answer) for e in targets) if with_answer else 0
+        if with_answer:
+            batch["labels"] = labels
+        batch["answer_len"] = answer_len
+    elif family == "decoder":
         answer_len = max(len(e.answer) for e in both) if with_answer else 0
         targets, sources = _fit_prompts(examples, answer_len)
         prompt_len = max(len(e.prompt) for e in targets + sources)
@@ -194,6 +284,12 @@ def collate(examples: Sequence[Example], family: str, task: Task, pad_id: int, *
         else:
             batch["start_positions"] = torch.tensor([e.target.start for e in examples])
             batch["end_positions"] = torch.tensor([e.target.end for e in examples])
+    if any(e.mt is not None for e in examples):  # FLARE MT: NLLB ids, alignment to the final padded prompts
+        from ..modeling.mt_align import mt_batch
+
+        starts = batch["attention_mask"].argmax(dim=1).tolist()  # each row's first real column: its prompt's
+        batch.update(mt_batch([e.mt for e in examples], [t.prompt for t in targets], starts,
+                              batch["input_ids"].shape[1], examples[0].mt.nllb_pad))  # fmt: skip
     return batch
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any
 
 from ..data.schema import MISSING_POLICIES
@@ -119,6 +120,8 @@ class TrainConfig:
     _RESUMABLE = ("resume", "overwrite", "progress", "stop_after_steps", "output_dir", "device")
 
     def __post_init__(self) -> None:
+        if self.stage1_from is not None:  # absolute: a run is rescored and resumed from any directory
+            self.stage1_from = os.path.abspath(self.stage1_from)
         self.languages = tuple(self.languages)
         self.stages = tuple(self.stages)
         self.fusion_modules = tuple(self.fusion_modules)
@@ -168,6 +171,15 @@ class TrainConfig:
         for name in ("compute_dtype", "stage1_compute_dtype"):
             if getattr(self, name) is not None and getattr(self, name) not in COMPUTE_DTYPES:
                 bad(name, getattr(self, name), f"one of {COMPUTE_DTYPES} or None")
+        if self.bf16 is not None and self.compute_dtype is not None and self.bf16 != (self.compute_dtype == "bf16"):
+            raise ValueError(
+                f"--{'' if self.bf16 else 'no-'}bf16 contradicts --compute-dtype {self.compute_dtype}; give one of them"
+            )
+        if self.task == "xnli" and self.xnli_train == "translated" and "stage2" in self.stages and not self.train_file:
+            raise ValueError(
+                "--xnli-train translated needs --train-file: the English training set translated into the target "
+                "languages (flare translate --task xnli --mode train --lang <lang> --split train --output <file>)"
+            )
         if not isinstance(self.r, int) or self.r <= 0:
             bad("r", self.r, "a positive integer")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -221,6 +233,9 @@ class TrainConfig:
             bad("optimizer", self.optimizer, f"one of {OPTIMIZERS}")
         if self.device not in DEVICES:
             bad("device", self.device, f"one of {DEVICES}")
+        from .methods import check_combination  # method / eval_mode / stages / stage1_from / eval_source
+
+        check_combination(self)
 
     # ------------------------------------------------------------------------------ derived
     def flare_config(self, modules_to_save: tuple[str, ...] = ()):

@@ -8,13 +8,18 @@ tydiqa  SQuAD v1.1 train          --train-file (translate-train)        --eval-f
 
 (XNLI's non-English train splits are MultiNLI machine-translated by the XNLI authors; TyDiQA-GoldP
 has no target-language training set of the right kind, so stage 2 reads flare translate's output.)
+The authors' choices (``--recipe paper``): ``tydiqa_stage1="goldp-english"`` reads TyDiQA-GoldP's
+English train rows for stage 1 instead of SQuAD; ``xnli_train="translated"`` trains XNLI's stage 2
+on their own NLLB translation of the English train set, which must come as ``--train-file``.
 
 Any of these can be replaced by a file (``stage1_file``, ``train_file``, ``eval_file``,
 ``test_file``). The English side of validation/test rows comes from a translation file
 (``eval_translations`` / ``test_translations``: translate-test, the paper's setting), from the
 dataset's own English rows (``eval_source="parallel"``: an oracle, not the paper's setting), or is
 not used (``eval_source="none"``: plain LoRA inference). Rows that lack their English are reported
-(count and ids) and either stop the run or are dropped (``missing_source``).
+(count and ids) and either stop the run or are dropped (``missing_source``). Only rows whose English is
+read are checked (flare.train.methods): translate-train LoRA trains without it, the target and zero-shot
+eval modes score without it, and a run that reuses a stage 1 (``stage1_from``) reads no stage-1 rows.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..data.schema import SourceReport, require_sources
 from ..default.sample import load_sample
 from ..tasks import Task
 from .config import TrainConfig
+from .methods import STAGE1_MODES, resolve_eval_mode, trains_on_english, uses_english
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +93,8 @@ def _stage1_rows(cfg: TrainConfig, task: Task) -> list[dict]:
         return hub.load_xnli("en", "train", path=cfg.english_path or cfg.dataset_path or hub.XNLI_HUB)
     if task.name == "nusax":
         return hub.load_nusax(hub.NUSAX_ENGLISH, "train", path=cfg.english_path or cfg.dataset_path or hub.NUSAX_HUB)
+    if cfg.tydiqa_stage1 == "goldp-english":  # the authors': TyDiQA-GoldP's own English rows, from its dataset
+        return hub.load_tydiqa_english("train", path=cfg.dataset_path or hub.TYDIQA_HUB)
     return hub.load_squad("train", path=cfg.english_path or hub.SQUAD_HUB)
 
 
@@ -129,18 +137,18 @@ def _split_rows(
 
 def _attach(rows: list[dict], translations: str, task: Task, split: str) -> list[dict]:
     """Rows with their English from a translation file, refusing a file whose ids match none of the rows."""
-    by_id = read_translations(translations)
+    by_id = read_translations(translations)  # keyed by (lang or None, id): see flare.data.files.Translations
     row_ids = {str(r["id"]) for r in rows}
-    matched = row_ids & set(by_id)
+    matched = by_id.matching(rows)
     if by_id and rows and not matched:
         raise ValueError(
             f"{translations}: none of its {len(by_id)} ids matches one of the {len(rows)} {split} rows "
-            f"(its ids: {', '.join(list(by_id)[:3])}, ...; the rows': {', '.join(sorted(row_ids)[:3])}, ...); "
-            "translations attach to rows by id: was it made from this split's rows?"
+            f"(its ids: {', '.join(i for _, i in list(by_id)[:3])}, ...; the rows': {', '.join(sorted(row_ids)[:3])}, "
+            "...); translations attach to rows by language and id: was it made from this split's rows?"
         )
     unmatched = len(by_id) - len(matched)
     if unmatched:
-        example = next(i for i in by_id if i not in row_ids)
+        example = next(i for key, i in by_id if (key, i) not in matched)
         logger.warning(
             "%s: %d of its %d ids match no %s row (e.g. %r); those translations are not used",
             translations, unmatched, len(by_id), split, example,
@@ -153,13 +161,15 @@ def load_stage_data(cfg: TrainConfig, task: Task) -> StageData:
     """All rows of a run, sources checked (reports kept for the run summary)."""
     languages = cfg.languages or task.languages
     reports: list[SourceReport] = []
-    stage1 = _limit(_stage1_rows(cfg, task), cfg.max_train_examples) if "stage1" in cfg.stages else []
+    trains_stage1 = "stage1" in cfg.stages and cfg.stage1_from is None  # --stage1-from: no English rows to read
+    stage1 = _limit(_stage1_rows(cfg, task), cfg.max_train_examples) if trains_stage1 else []
 
     train: list[dict] = []
     if "stage2" in cfg.stages:
         train = _split_rows(cfg, task, "train", cfg.train_file, cfg.train_translations, languages, parallel=True)
-        train, report = require_sources(train, task.kind, name="train", policy=cfg.missing_source)
-        reports.append(report)
+        if trains_on_english(cfg.method):  # translate-train LoRA reads the target text only
+            train, report = require_sources(train, task.kind, name="train", policy=cfg.missing_source)
+            reports.append(report)
         train = _limit_languages(train, cfg.max_train_examples)
         if not train:
             raise ValueError(f"no stage-2 training rows for languages {languages}")
@@ -172,9 +182,10 @@ def load_stage_data(cfg: TrainConfig, task: Task) -> StageData:
 
 
 def load_eval_rows(
-    cfg: TrainConfig, task: Task, split: str, reports: list[SourceReport] | None = None
+    cfg: TrainConfig, task: Task, split: str, reports: list[SourceReport] | None = None, mode: str | None = None
 ) -> dict[str, list[dict]]:
-    """Validation or test rows by language, with their English source unless eval_source is "none"."""
+    """Validation or test rows by language, with their English source where the eval mode reads it (``mode``:
+    the resolved eval mode, default the run's; target and zero-shot need none) and eval_source is not "none"."""
     languages = cfg.languages or task.languages
     file, translations = (
         (cfg.eval_file, cfg.eval_translations) if split == "validation" else (cfg.test_file, cfg.test_translations)
@@ -182,7 +193,9 @@ def load_eval_rows(
     if task.name == "tydiqa" and split == "validation" and not file:
         return {}  # TyDiQA-GoldP's validation split is its test set: no selection set by default
     rows = _split_rows(cfg, task, split, file, translations, languages, parallel=cfg.eval_source == "parallel")
-    if cfg.eval_source != "none" and "stage2" in cfg.stages:
+    mode = mode or resolve_eval_mode(cfg.method, cfg.eval_mode, cfg.eval_source)
+    scored = "stage2" in cfg.stages or mode in STAGE1_MODES  # a stage-1-only run scores nothing otherwise
+    if cfg.eval_source != "none" and scored and uses_english(cfg.method, mode):
         rows, report = require_sources(rows, task.kind, name=split, policy=cfg.missing_source)
         if reports is not None:
             reports.append(report)

@@ -49,6 +49,7 @@ class StageSpec:
     directory: Path  # <output_dir>/<stage>
     evaluate: Callable[[torch.nn.Module], tuple[float, dict]] | None = None  # -> (score, details)
     readme: str | None = None  # README.md of the adapters this stage saves (best/)
+    select: bool = True  # model selection: keep the best-scoring adapter in best/ (False: only record scores)
 
 
 @dataclasses.dataclass
@@ -118,14 +119,37 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg, device: torch.device, 
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
 
 
-def autocast_factory(cfg, device: torch.device):
-    """bf16 autocast on CUDA (when supported and not disabled), nothing on CPU."""
-    use = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if use and device.type != "cuda":
+def autocast_dtype(cfg, device: torch.device, stage: str = "stage2") -> torch.dtype | None:
+    """The dtype a stage autocasts to, None for none.
+
+    Without a compute dtype (compute_dtype / stage1_compute_dtype None): bf16 on CUDA when supported and not
+    disabled (``bf16``), nothing on CPU. With one: that dtype on CUDA (fp32: no autocast); on a CPU nothing,
+    whatever was asked (the compute dtypes describe a GPU run; see flare.train.modeling: CPUs compute in fp32),
+    while an explicit ``--bf16`` on a CPU stays an error.
+    """
+    from .modeling import stage_compute_dtype
+
+    wanted = stage_compute_dtype(cfg, stage)
+    if wanted is None:
+        use = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+        if use and device.type != "cuda":
+            raise ValueError("--bf16 autocast is for CUDA devices; CPU runs compute in the model's dtype")
+        return torch.bfloat16 if use else None
+    if cfg.bf16 and device.type != "cuda":
         raise ValueError("--bf16 autocast is for CUDA devices; CPU runs compute in the model's dtype")
-    if not use:
+    if device.type != "cuda" or wanted == "fp32":
         return None
-    return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if wanted == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--compute-dtype bf16: this GPU does not support bf16; use fp16 or fp32")
+    return torch.bfloat16 if wanted == "bf16" else torch.float16
+
+
+def autocast_factory(cfg, device: torch.device, stage: str = "stage2"):
+    """A function returning the stage's autocast context (``autocast_dtype``), or None for none."""
+    dtype = autocast_dtype(cfg, device, stage)
+    if dtype is None:
+        return None
+    return lambda: torch.autocast("cuda", dtype=dtype)
 
 
 def run_stage(
@@ -143,7 +167,11 @@ def run_stage(
     if not params:
         raise ValueError(f"{spec.name}: the model has no trainable parameters")
     optimizer = make_optimizer(params, cfg, device, spec.learning_rate)
-    autocast = autocast_factory(cfg, device)
+    autocast = autocast_factory(cfg, device, spec.name)
+    # fp16 (the authors' stage 1) needs loss scaling: gradients of ~1e-8 (LoRA B starts at 0, lr 2e-5) would
+    # flush to zero in fp16 (smallest normal 6e-5). The scale is not checkpointed: a resumed fp16 stage starts
+    # it again at 2**16 and is not bitwise the uninterrupted run (bf16/fp32 stages are).
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype(cfg, device, spec.name) == torch.float16 else None
     keep_logits = family == "decoder" and supports_logits_to_keep(model)
     module = wrap(model, dist)
 
@@ -205,11 +233,18 @@ def run_stage(
                                 use_source=spec.use_source,
                                 logits_to_keep=keep_logits,
                             )
-                        (loss * scale).backward()
+                        scaled = loss * scale
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     local_loss += loss.detach()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)  # skips the step when a gradient overflowed, and lowers the scale
+                    scaler.update()
+                else:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 mean_loss = float(dist.sum(local_loss)) / units
@@ -268,7 +303,7 @@ def _evaluate(module, spec: StageSpec, step: int, evals: list, best: dict, progr
             model.train()
             record = {"step": step, "score": score, "details": details}
             metric = details.get("primary", "score") if isinstance(details, dict) else "score"
-            improved = best["score"] is None or score > best["score"]
+            improved = spec.select and (best["score"] is None or score > best["score"])
             progress.write(
                 f"{spec.name} step {step}: validation {metric} {score:.2f}" + (" (best so far)" if improved else "")
             )
@@ -278,7 +313,7 @@ def _evaluate(module, spec: StageSpec, step: int, evals: list, best: dict, progr
     # rank restores and returns. The broadcast also waits for rank 0's evaluation and best/ adapter.
     record = dist.broadcast(record)
     evals.append(record)
-    if best["score"] is None or record["score"] > best["score"]:
+    if spec.select and (best["score"] is None or record["score"] > best["score"]):
         best["score"], best["step"] = record["score"], step
 
 

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from .batching import IGNORE
 
-_MODEL_KEYS = ("input_ids", "attention_mask", "source_input_ids", "source_attention_mask")
+# mt_*: FLARE MT's NLLB inputs and alignment (flare.modeling.mt_align), present only for that method
+_MODEL_KEYS = ("input_ids", "attention_mask", "source_input_ids", "source_attention_mask",
+               "mt_input_ids", "mt_attention_mask", "mt_alignment")  # fmt: skip
 
 
 def supports_logits_to_keep(model) -> bool:

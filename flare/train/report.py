@@ -52,8 +52,6 @@ def plot_curves(path: Path, stages: dict, metric: str) -> Path | None:
     except ImportError:
         run_log.info("curves: matplotlib is not installed, %s not written (pip install matplotlib)", path.name)
         return None
-    from ..data.files import follow_umask
-
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_val = fig.subplots(1, 2)
     for name, stage in stages.items():
@@ -68,6 +66,13 @@ def plot_curves(path: Path, stages: dict, metric: str) -> Path | None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically (temp + rename) with the umask's mode."""
+    from ..data.files import follow_umask
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fig.savefig(tmp, format="png", dpi=100)

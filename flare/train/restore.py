@@ -11,7 +11,15 @@ from ..tasks import get_task
 from .checkpoint import recover_adapter
 from .config import TrainConfig
 from .distributed import resolve_device
-from .modeling import check_model_files, detect_family, flare_api, load_base_model, load_tokenizer, merged_stage1
+from .modeling import (
+    LoadSettings,
+    check_model_files,
+    detect_family,
+    flare_api,
+    load_base_model,
+    load_tokenizer,
+    merged_stage1,
+)
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:
@@ -80,25 +88,40 @@ def check_adapter(path: str | Path) -> Path:
     return path
 
 
-def load_run_model(run_dir: str | Path, *, adapter: str | Path | None = None, device: str = "auto"):
-    """(FlareModel, tokenizer, family, TrainConfig, Task) of a finished run, in eval mode."""
+def load_run_model(
+    run_dir: str | Path, *, adapter: str | Path | None = None, device: str = "auto", stage: str = "stage2"
+):
+    """(FlareModel, tokenizer, family, TrainConfig, Task) of a finished run, in eval mode. stage "stage1": the
+    stage-1 model (its LoRA adapter over the base, unmerged: what zero-shot / translate-test score)."""
+    from .stage1_reuse import stage1_dir
+
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     task = get_task(cfg.task)
     model_path = cfg.model or str(run_dir / "base")
     check_model_files(model_path, "the run's model")
     family = detect_family(model_path, cfg.family)
-    tokenizer = load_tokenizer(model_path, family)
+    tokenizer = load_tokenizer(model_path, family, add_pad_token=cfg.add_pad_token)
     dev = resolve_device(device)
-    base = load_base_model(model_path, task, family, quantize=cfg.quantize, device=dev)
+    settings = LoadSettings.of(cfg, stage)  # loaded as the run loaded it for that stage (pad token, double quant)
+    base = load_base_model(model_path, task, family, quantize=cfg.quantize, device=dev, settings=settings,
+                           tokenizer=tokenizer)  # fmt: skip
+    _, _, load_flare_model = flare_api()
     if "stage1" in cfg.stages:
-        stage1 = run_dir / "stage1" / "adapter"
+        stage1 = stage1_dir(run_dir, cfg) / "adapter"  # its own, or the one it reused (--stage1-from)
         if not (stage1 / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{stage1} missing: the run's stage 1 did not finish")
         check_adapter(stage1)
+        if stage == "stage1":
+            model = load_flare_model(base, str(stage1))
+            model.eval()
+            return model, tokenizer, family, cfg, task
         base = merged_stage1(base, stage1)
-    _, _, load_flare_model = flare_api()
-    model = load_flare_model(base, str(check_adapter(adapter or run_adapter(run_dir))))
+    elif stage == "stage1":
+        raise ValueError(f"{run_dir} has no stage 1 (its --stages are {','.join(cfg.stages)})")
+    # flare-mt: the run's NLLB (its built-in one under run_dir/mt-base, wherever the run folder now is)
+    mt_model = (cfg.mt_model or str(run_dir / "mt-base")) if cfg.method == "flare-mt" else None
+    model = load_flare_model(base, str(check_adapter(adapter or run_adapter(run_dir))), mt_model=mt_model)
     model.eval()
     return model, tokenizer, family, cfg, task
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # These models are tiny (hidden 64): OpenMP's thread hand-offs cost more than they save, and on a
     # shared 2-core machine 2 threads made a forward 10x slower (0.13-0.3 s vs 0.013-0.02 s measured).
+    # Session scope: module-scoped fixtures (a shared trained run) start before function-scoped ones.
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -185,6 +185,26 @@ def test_attach_translations_reports_rows_left_without_english(tmp_path):
         read_translations(tmp_path / "bad.jsonl")
 
 
+def test_a_translation_file_joining_languages_matches_each_row_by_language_and_id(tmp_path):
+    # XNLI's ids repeat in every language ("test-0" in sw and in ur): keyed by id alone, a file joining
+    # the per-language outputs of flare translate gave every row the last language's English.
+    rows = [{"id": "test-0", "lang": lang, "text": f"{lang} premise", "text_pair": f"{lang} hypothesis", "label": 0}
+            for lang in ("sw", "ur")]  # fmt: skip
+    write_jsonl(tmp_path / "tr.jsonl", [
+        {"id": "test-0", "lang": lang, "source_text": f"from {lang}", "source_text_pair": f"from {lang} too"}
+        for lang in ("sw", "ur")
+    ])  # fmt: skip
+    attached, report = attach_translations(rows, read_translations(tmp_path / "tr.jsonl"), "classification")
+    assert [r["source_text"] for r in attached] == ["from sw", "from ur"] and not report.missing_ids
+    # a record naming no language still matches by id; one id twice without languages is refused
+    write_jsonl(tmp_path / "plain.jsonl", [{"id": "test-0", "source_text": "a", "source_text_pair": "b"}])
+    attached, _ = attach_translations(rows, read_translations(tmp_path / "plain.jsonl"), "classification")
+    assert [r["source_text"] for r in attached] == ["a", "a"]
+    write_jsonl(tmp_path / "twice.jsonl", [{"id": "test-0", "source_text": "a"}, {"id": "test-0", "source_text": "b"}])
+    with pytest.raises(ValueError, match="appears twice .*no 'lang' column"):
+        read_translations(tmp_path / "twice.jsonl")
+
+
 def test_files_with_a_byte_order_mark_keep_their_first_column(tmp_path):
     # Excel's "CSV UTF-8" starts with a BOM: read as plain UTF-8 the first column was "\ufeffid", so every
     # row silently got its row number as id and no translation matched.

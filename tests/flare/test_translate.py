@@ -40,16 +40,11 @@ def tiny_mt(tmp_path_factory):
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in state["merges"]]
     tok = NllbTokenizer(vocab=state["vocab"], merges=merges)
+    from flare.default.build import TINY_NLLB
+
     cfg = M2M100Config(
         vocab_size=len(tok),
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=256,
+        **TINY_NLLB,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

@@ -98,7 +98,7 @@ STACK_STREAMS = True
 # dX tiles at decode sizes (BLOCK_N is dX's reduction step, BLOCK_K its output width), split
 # over N (_dx_fused). Static report, sm_90, Llama 3.1 8B q_proj, triton 3.6 / 3.9, main-loop
 # warp-instructions per weight with bf16 / fp32 adapters:
-#   M <= 16: one warp, 16 x 32 x 64, 2 stages, 384 programs: 0.27 / 0.24 and 0.24 / 0.23 (the
+#   M <= 16: one warp, 16 x 32 x 64, 2 stages, 512 programs: 0.27 / 0.24 and 0.24 / 0.23 (the
 #            4-warp 16 x 64 x 32 tile, 128 programs: 0.30 to 0.63; 3 stages spill 4 B on 3.9);
 #   M <= 64: 64 x 64 x 128, 4 warps, 320 programs: 0.26 / 0.26 and 0.25 / 0.24 (64 x 64 x 64:
 #            0.36 / 0.40 and 0.30 / 0.38).
@@ -224,10 +224,19 @@ def _check_dtype(x: torch.Tensor) -> None:
 SPLIT_PROGRAMS_PER_SM = 2
 
 
-def _k_splits(k: int, block_k: int, programs: int, target: Target) -> tuple[int, int]:
+def _k_splits(k: int, block_k: int, programs: int, target: Target, one_warp: bool = False) -> tuple[int, int]:
     """(splits, columns per split) for a launch of ``programs`` programs before splitting K:
-    enough splits for SPLIT_PROGRAMS_PER_SM programs per SM, each a whole number of BLOCK_K steps."""
-    want = triton.cdiv(SPLIT_PROGRAMS_PER_SM * target.num_sms, programs)
+    enough splits for SPLIT_PROGRAMS_PER_SM programs per SM, each a whole number of BLOCK_K steps.
+
+    ``one_warp`` programs aim for four per SM and no more, one per warp scheduler: an SM issues
+    from at most min(4, resident warps) warps a clock, and its busiest share of programs sets the
+    time. dX at M = 16 on 4096 x 4096 (64 programs): 8 splits, 512 programs, where two per SM gave
+    6 splits and 384 programs, three warps on the busiest SM (static report, H200: 4.2 against 6.4 us).
+    """
+    if one_warp and SPLIT_PROGRAMS_PER_SM < 4:  # (the tests raise SPLIT_PROGRAMS_PER_SM to force splits)
+        want = max(1, 4 * target.num_sms // programs)
+    else:
+        want = triton.cdiv(SPLIT_PROGRAMS_PER_SM * target.num_sms, programs)
     if want <= 1:
         return 1, k
     per_split = max(block_k, (k // max(1, want)) // block_k * block_k)
@@ -491,7 +500,7 @@ def forward(
     # Decode sizes split K until the launch has two programs per SM (a 4096-wide layer has 128
     # 32-wide N tiles: 4 SMs idle, and a second program per SM to hide latency); the splits'
     # partial sums go to fp32 workspaces and a second kernel adds them in order.
-    splits, per_split = _k_splits(k, tiles.block_k, programs, target) if m <= 64 else (1, k)
+    splits, per_split = _k_splits(k, tiles.block_k, programs, target, tiles.num_warps == 1) if m <= 64 else (1, k)
     lora = 2 if fuse_down else 1
     s_in_t, s_in_s = (s_t if z is None else z), (s_t if s_s is None else s_s)
     if splits > 1:
@@ -638,7 +647,7 @@ def _dx_fused(call: LoraCall, dy, dx, s_t, s_s, ds_t, ds_s, fused_dz: bool, need
     programs = triton.cdiv(m, tiles.block_m) * triton.cdiv(k, tiles.block_k)
     # dX's grid runs over K tiles and its loop over N: at decode sizes N is split until the launch
     # has two programs per SM, as the forward splits K.
-    splits, per_split = _k_splits(n, tiles.block_n, programs, target) if m <= 64 else (1, n)
+    splits, per_split = _k_splits(n, tiles.block_n, programs, target, tiles.num_warps == 1) if m <= 64 else (1, n)
     mask_t = _as_u8(masks[0], ds_t.view(torch.uint8))
     lora = 2 if fused_dz else 1
     switches = dict(

@@ -148,7 +148,7 @@ def test_covering_set_reaches_every_switch(all_specs):
     assert {s.signature["xt_ptr"] for s in all_specs if s.name == "flare_fwd_kernel"} == {"*bf16", "*fp16", "*fp32"}
     assert fwd("M") == {1}  # M = 1 became a constant somewhere; elsewhere M is a runtime i32
     assert {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"]) for s in all_specs if s.name == "flare_fwd_kernel"} == {
-        (16, 32), (32, 64), (32, 128), (64, 128)
+        (16, 32), (32, 64), (32, 128), (64, 128), (128, 128)
     }
     for name in ("lora_down_kernel", "lora_reduce_kernel", "lora_up_kernel"):
         assert {json.loads(v) for v in seen[(name, "DROPOUT")]} == {True, False}

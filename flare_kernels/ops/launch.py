@@ -161,13 +161,11 @@ def _gemm_tiles(rows: int, two_streams: bool, target: Target, row_blocks: bool =
         return Tiles(32 if two_streams else 64, 128, 64, 8, 2)
     # The element-wise dequantization (blocks across rows) needs 323,584 B for its 128 x 128 x 64
     # dX tile at 3 stages under triton 3.6 (an H100 has 232,448 B), 188,416 B at 2.
-    if two_streams:
-        return Tiles(64, 128, 64, 8, 3 if row_blocks else 2)
-    # One stream (plain LoRA's forward, and dX) below the dequant route's thresholds: 64 x 128 x 64
-    # at 4 warps. Static report, sm_90, 4096 x 4096, triton 3.9, fp32 / bf16 adapters: forward
-    # M = 512 0.23 / 0.25 warp-instructions per weight on 256 programs, dX M = 256 0.26 / 0.28
-    # (128 x 128 x 64 at 8 warps: 0.35 / 0.38 and 0.40 / 0.44 on 128 programs).
-    return Tiles(64, 128, 64, 4, 3 if row_blocks else 2)
+    # One stream keeps 128 rows although 64 x 128 x 64 at 4 warps runs its loop in fewer
+    # warp-instructions per weight (0.23 against 0.35 at M = 512): each row tile dequantizes W
+    # again, so 64-row tiles do it 8 times at M = 512, and the static report predicts the forward
+    # at 34 against 24 us (H200, triton 3.6), 256 programs against 128.
+    return Tiles(64 if two_streams else 128, 128, 64, 8, 3 if row_blocks else 2)
 
 
 def gemm_route(rows: int, target: Target, dx: bool = False, two_streams: bool = True) -> str:

@@ -259,7 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, rank 0 reports
         return 0
     for name, stage in result.stages.items():
-        print(stage_summary(name, stage))
+        reused = cfg.stage1_from if name == "stage1" else None
+        print(stage_summary(name, stage, reused_from=reused))
     if result.test is not None:
         print()
         print(result.test.table())
@@ -273,11 +274,13 @@ def _steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
 
-def stage_summary(name: str, stage) -> str:
+def stage_summary(name: str, stage, reused_from: str | None = None) -> str:
     """One line per stage, counting the work of this process (a resumed run ran only the steps after its
-    checkpoint; a stage finished by an earlier process is said to be so)."""
+    checkpoint; a stage finished by an earlier process, or reused from another run, is said to be so)."""
     curve = [h["loss"] for h in stage.history]
     loss = f"loss {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "no steps"
+    if reused_from is not None:
+        return f"{name}: {_steps(stage.steps)}, reused from --stage1-from {reused_from} ({loss})"
     if stage.from_earlier_run:
         return f"{name}: {_steps(stage.steps)}, finished by an earlier run ({loss})"
     ran = stage.steps - stage.start_step

@@ -41,7 +41,7 @@ from .config import TrainConfig
 from .distributed import Dist, gathered, init_distributed
 from .inputs import StageData, load_stage_data
 from .loop import StageResult, StageSpec, StepBudget, TrainingStopped, autocast_factory, run_stage, stop_agreed
-from .mt import MT_BASE, attach_mt, check_mt_config
+from .mt import MT_BASE, attach_mt, check_mt_config, mt_model_path
 from .methods import STAGE1_MODES, eval_inputs, input_length, resolve_eval_mode, stage2_fusion, stage2_inputs
 from .modeling import (
     builtin_base,
@@ -309,7 +309,12 @@ def _train(cfg: TrainConfig, dist: Dist, task, data: StageData, out: Path, t_sta
         if "stage2" in cfg.stages:
             stage2_base = merged_stage1(base(), stage1_adapter) if "stage1" in cfg.stages else base()
             model = new_model(stage2_base, "stage2")
-            mt = attach_mt(model, cfg, out, task, tokenizer, family) if cfg.method == "flare-mt" else None
+            mt = None
+            if cfg.method == "flare-mt":
+                if dist.is_main:
+                    mt_model_path(cfg, out)  # the built-in tiny NLLB, built by one process (not every rank at once)
+                dist.barrier()
+                mt = attach_mt(model, cfg, out, task, tokenizer, family)
             training = stage2_inputs(cfg.method, cfg.max_length)
             examples = prepare(
                 training.rows(data.train, task), task, tokenizer, family, training.max_length,

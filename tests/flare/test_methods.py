@@ -276,3 +276,14 @@ def test_stage1_from_refuses_other_settings_and_unfinished_runs(runs, tmp_path, 
     assert err.startswith("flare train: error: --stage1-from") and "r: 4 here, 8 there" in err
     assert main(["train", "--output-dir", str(tmp_path / "cli"), "--eval-mode", "zero-shot"]) == EXIT_BAD_INPUT
     assert "pass --stages stage1" in capsys.readouterr().err and not (tmp_path / "cli").exists()
+
+
+def test_the_summary_line_says_a_reused_stage_1_came_from_the_other_run():
+    from flare.cli import stage_summary
+    from flare.train.loop import StageResult
+
+    history = [{"step": 1, "loss": 2.0}, {"step": 72, "loss": 0.5}]
+    stage = StageResult(72, history, [], None, None, 0.0, 0.0, 0.0, from_earlier_run=True)
+    line = stage_summary("stage1", stage, reused_from="/runs/a")
+    assert line == "stage1: 72 steps, reused from --stage1-from /runs/a (loss 2.0000 -> 0.5000)"
+    assert "finished by an earlier run" in stage_summary("stage1", stage)

@@ -19,7 +19,9 @@ Shapes: dY [M, N], W [N, K] NF4, A [R, K], B [N, R], s and ds [M, R] fp32, dX [M
 import triton
 import triton.language as tl
 
-from .common import apply_keep_mask, fuse_bwd, grouped_tile, lora_mma, mma, nf4_rows, nf4_tile, to_dtype
+from .common import (
+    apply_keep_mask, fuse_bwd, grouped_tile, lora_mma, mma, nf4_rows, nf4_tile, tile_offsets, to_dtype,
+)  # fmt: skip
 
 
 @triton.jit
@@ -43,12 +45,7 @@ def flare_dx_kernel(
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     split = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_valid = offs_m < M
-    k_valid = offs_k < K
-    r_valid = offs_r < R
+    offs_m, offs_k, offs_r, m_valid, k_valid, r_valid = tile_offsets(pid_m, pid_k, M, K, R, BLOCK_M, BLOCK_K, BLOCK_R)
     k0 = pid_k * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -161,12 +158,7 @@ def flare_dx_splitn_epilogue_kernel(
     depend on scheduling), then the epilogue of the one-pass kernel."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_valid = offs_m < M
-    k_valid = offs_k < K
-    r_valid = offs_r < R
+    offs_m, offs_k, offs_r, m_valid, k_valid, r_valid = tile_offsets(pid_m, pid_k, M, K, R, BLOCK_M, BLOCK_K, BLOCK_R)
     x_mask = m_valid[:, None] & k_valid[None, :]
     s_mask = m_valid[:, None] & r_valid[None, :]
     p_offs = offs_m[:, None] * stride_pm + offs_k[None, :]

@@ -181,6 +181,16 @@ def apply_keep_mask(tile, mask_ptr, offs_m, offs_k, stride_mm, stride_mk, valid,
 
 
 @triton.jit
+def tile_offsets(pid_a, pid_b, A, B, R, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Offsets and in-bounds masks of an output tile (rows pid_a, columns pid_b) and of the rank axis:
+    (offs_a, offs_b, offs_r, a_valid, b_valid, r_valid)."""
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_r = tl.arange(0, BLOCK_R)
+    return offs_a, offs_b, offs_r, offs_a < A, offs_b < B, offs_r < R
+
+
+@triton.jit
 def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Row-major tile order swizzled in groups of GROUP_M row tiles, so W tiles are reused in L2."""
     width = GROUP_M * num_n

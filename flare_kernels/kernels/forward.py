@@ -17,7 +17,9 @@ Shapes: x [M, K] (strided), W [N, K] NF4, A [R, K], B [N, R], s [M, R] fp32, y [
 import triton
 import triton.language as tl
 
-from .common import apply_keep_mask, fuse_fwd, grouped_tile, lora_mma, mma, nf4_rows, nf4_tile, to_dtype
+from .common import (
+    apply_keep_mask, fuse_fwd, grouped_tile, lora_mma, mma, nf4_rows, nf4_tile, tile_offsets, to_dtype,
+)  # fmt: skip
 
 
 @triton.jit
@@ -50,12 +52,7 @@ def flare_fwd_kernel(
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_valid = offs_m < M
-    n_valid = offs_n < N
-    r_valid = offs_r < R
+    offs_m, offs_n, offs_r, m_valid, n_valid, r_valid = tile_offsets(pid_m, pid_n, M, N, R, BLOCK_M, BLOCK_N, BLOCK_R)
     SRC_X: tl.constexpr = SOURCE_OUT or (LORA == 2 and NEED_SRC_S)
 
     acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -141,27 +138,31 @@ def flare_fwd_kernel(
         if SOURCE_OUT:
             tl.store(ys_ptr + y_offs, acc_s, mask=y_mask)
     else:
-        if LORA == 1:
-            s_t = tl.load(st_ptr + s_offs, mask=s_mask, other=0.0)
-            if NEED_SRC_S:
-                s_s = tl.load(ss_ptr + s_offs, mask=s_mask, other=0.0)
         fwd_epilogue(
             acc_t, acc_s, s_t, s_s, offs_m, offs_n, offs_r, m_valid, n_valid, r_valid,
-            b_ptr, stride_bn, stride_br, bias_ptr, scaling,
+            st_ptr, ss_ptr, stride_sm, b_ptr, stride_bn, stride_br, bias_ptr, scaling,
             yt_ptr, stride_ytm, stride_ytn, ys_ptr, stride_ysm, stride_ysn,
-            HAS_BIAS, SOURCE_OUT, LORA, FUSION, LORA_DTYPE, INTERPRET, BLOCK_M, BLOCK_N,
+            HAS_BIAS, SOURCE_OUT, LORA, FUSION, NEED_SRC_S, LORA_DTYPE, INTERPRET, BLOCK_M, BLOCK_N,
         )  # fmt: skip
 
 
 @triton.jit
 def fwd_epilogue(
     acc_t, acc_s, s_t, s_s, offs_m, offs_n, offs_r, m_valid, n_valid, r_valid,
-    b_ptr, stride_bn, stride_br, bias_ptr, scaling,
+    st_ptr, ss_ptr, stride_sm, b_ptr, stride_bn, stride_br, bias_ptr, scaling,
     yt_ptr, stride_ytm, stride_ytn, ys_ptr, stride_ysm, stride_ysn,
     HAS_BIAS: tl.constexpr, SOURCE_OUT: tl.constexpr, LORA: tl.constexpr, FUSION: tl.constexpr,
-    LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEED_SRC_S: tl.constexpr, LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """y_t = acc_t + b + scaling * phi(s_s, s_t) B^T and y_s = acc_s + b, rounded once and stored."""
+    """y_t = acc_t + b + scaling * phi(s_s, s_t) B^T and y_s = acc_s + b, rounded once and stored.
+    LORA == 1: s_t, s_s are read here (precomputed); LORA == 2: the given ones (summed in the K loop)."""
+    if LORA == 1:
+        s_mask = m_valid[:, None] & r_valid[None, :]
+        s_offs = offs_m[:, None] * stride_sm + offs_r[None, :]
+        s_t = tl.load(st_ptr + s_offs, mask=s_mask, other=0.0)
+        if NEED_SRC_S:
+            s_s = tl.load(ss_ptr + s_offs, mask=s_mask, other=0.0)
     if LORA != 0:
         z = fuse_fwd(s_s, s_t, FUSION)
         # B^T tile [BLOCK_R, BLOCK_N]
@@ -203,12 +204,7 @@ def flare_fwd_splitk_epilogue_kernel(
     result does not depend on scheduling), then the epilogue of the one-pass kernel."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_valid = offs_m < M
-    n_valid = offs_n < N
-    r_valid = offs_r < R
+    offs_m, offs_n, offs_r, m_valid, n_valid, r_valid = tile_offsets(pid_m, pid_n, M, N, R, BLOCK_M, BLOCK_N, BLOCK_R)
     y_mask = m_valid[:, None] & n_valid[None, :]
     p_offs = offs_m[:, None] * stride_pm + offs_n[None, :]
     s_mask = m_valid[:, None] & r_valid[None, :]
@@ -231,13 +227,9 @@ def flare_fwd_splitk_epilogue_kernel(
             tl.store(st_ptr + s_offs, s_t, mask=s_mask)
             if NEED_SRC_S:
                 tl.store(ss_ptr + s_offs, s_s, mask=s_mask)
-    elif LORA == 1:
-        s_t = tl.load(st_ptr + s_offs, mask=s_mask, other=0.0)
-        if NEED_SRC_S:
-            s_s = tl.load(ss_ptr + s_offs, mask=s_mask, other=0.0)
     fwd_epilogue(
         acc_t, acc_s, s_t, s_s, offs_m, offs_n, offs_r, m_valid, n_valid, r_valid,
-        b_ptr, stride_bn, stride_br, bias_ptr, scaling,
+        st_ptr, ss_ptr, stride_sm, b_ptr, stride_bn, stride_br, bias_ptr, scaling,
         yt_ptr, stride_ytm, stride_ytn, ys_ptr, stride_ysm, stride_ysn,
-        HAS_BIAS, SOURCE_OUT, LORA, FUSION, LORA_DTYPE, INTERPRET, BLOCK_M, BLOCK_N,
+        HAS_BIAS, SOURCE_OUT, LORA, FUSION, NEED_SRC_S, LORA_DTYPE, INTERPRET, BLOCK_M, BLOCK_N,
     )  # fmt: skip

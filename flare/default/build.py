@@ -74,12 +74,20 @@ def save_tiny_llama(path: str | os.PathLike, tokenizer, *, seed: int = 0) -> Pat
         eos_token_id=tokenizer.eos_token_id,
         **TINY_LLAMA,
     )
+    return save_seeded(path, LlamaForCausalLM, config, tokenizer, seed)
+
+
+def save_seeded(path: Path, model_class, config, tokenizer, seed: int, files: dict[str, str] | None = None) -> Path:
+    """A randomly initialized ``model_class(config)`` (drawn from ``seed`` without touching the
+    global RNG), its tokenizer and extra text ``files``, written to ``path`` complete or not at all."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     from ..data.files import follow_umask
 
     follow_umask(tmp)  # safetensors writes 0600 whatever the umask
@@ -158,15 +166,5 @@ def save_tiny_nllb(path: str | os.PathLike, *, seed: int = 0, sample_path: Path 
         decoder_start_token_id=tokenizer.eos_token_id,
         **TINY_NLLB,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = M2M100ForConditionalGeneration(config)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / LANGUAGES_FILE).write_text(json.dumps(TOY_NLLB_CODES, indent=2) + "\n", encoding="utf-8")
-    from ..data.files import follow_umask
-
-    follow_umask(tmp)
-    os.replace(tmp, path)
-    return path
+    files = {LANGUAGES_FILE: json.dumps(TOY_NLLB_CODES, indent=2) + "\n"}
+    return save_seeded(path, M2M100ForConditionalGeneration, config, tokenizer, seed, files)

@@ -15,10 +15,8 @@ Only FLARE MT takes this path (a source that requires grad), so the English meth
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from flare_kernels.reference.flare_lora import apply_dropout, draw_dropout_mask
-from flare_kernels.reference.fusion import AttentionParams, fuse
+from flare_kernels.reference.flare_lora import attention_params, draw_dropout_mask, lora_forward
 
 
 def flare_lora_source_grad(layer, x: torch.Tensor, source: torch.Tensor,
@@ -27,22 +25,14 @@ def flare_lora_source_grad(layer, x: torch.Tensor, source: torch.Tensor,
     if source.shape != x.shape:
         raise ValueError(f"source must have the shape of x, got source {tuple(source.shape)} and x {tuple(x.shape)}")
     kw = layer.adapter_kwargs(source)
-    lora_A, lora_B, p = kw["lora_A"], kw["lora_B"], kw["dropout_p"]
-    ad = lora_A.dtype
-    xt, xs = x.to(ad), source.to(ad)
-    if p > 0.0:
-        xt = apply_dropout(xt, draw_dropout_mask(xt, p), p)
-        xs = apply_dropout(xs, draw_dropout_mask(xs, p), p)
-    s_t, s_s = F.linear(xt, lora_A), F.linear(xs, lora_A)
+    p = kw["dropout_p"]
+    masks = (draw_dropout_mask(x, p), draw_dropout_mask(source, p)) if p > 0.0 else (None, None)
     params = kw["fusion_params"]
-    attention_p = kw["attention_dropout_p"]
-    if layer.fusion == "cross_attention" and (kw["heads"] != 1 or attention_p > 0.0):
-        keep = None
-        if attention_p > 0.0:
-            length = x.shape[-2]
-            keep = torch.empty((*x.shape[:-2], kw["heads"], length, length), dtype=torch.bool, device=x.device)
-            keep = keep.bernoulli_(1.0 - attention_p)
-        params = AttentionParams(params, kw["heads"], keep, attention_p)
-    z = fuse(s_s, s_t, layer.fusion, params, fusion_mask)
-    update = F.linear(z, lora_B) * kw["scaling"]
+    if layer.fusion == "cross_attention":
+        params = attention_params(params, x, kw["heads"], kw["attention_dropout_p"])
+    update, _, _ = lora_forward(
+        x, source, kw["lora_A"], kw["lora_B"], kw["scaling"], fusion=layer.fusion, dropout_p=p,
+        dropout_mask=masks[0], source_dropout_mask=masks[1], fusion_params=params, fusion_mask=fusion_mask,
+        source_grad=True,
+    )  # fmt: skip
     return layer.base_forward(x) + update.to(x.dtype)

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from ..format.nf4 import NF4Weight
+from ..reference.flare_lora import draw_dropout_mask
 from ..reference.fusion import FUSION_PARAM_COUNT, FUSIONS, check_heads
 from .custom_ops import flare_lora_fwd, run_forward
 
@@ -215,9 +216,9 @@ def flare_lora_linear(
     reads_source = source is not None and fusion != "none"
     if dropout_p > 0.0:
         if dropout_mask is None:
-            dropout_mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)
+            dropout_mask = draw_dropout_mask(x, dropout_p)
         if reads_source and source_dropout_mask is None:
-            source_dropout_mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)
+            source_dropout_mask = draw_dropout_mask(x, dropout_p)
     else:
         dropout_mask = source_dropout_mask = None
     if not reads_source:

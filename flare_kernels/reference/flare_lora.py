@@ -78,16 +78,36 @@ def lora_forward(
     source_dropout_mask: torch.Tensor | None = None,
     fusion_params: Sequence[torch.Tensor] = (),
     fusion_mask: torch.Tensor | None = None,
+    source_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The LoRA + fusion branch: returns (update in the adapter dtype, s_target, s_source)."""
+    """The LoRA + fusion branch: returns (update in the adapter dtype, s_target, s_source).
+
+    The source is a constant (the frozen model's English stream) unless ``source_grad``: FLARE MT's
+    source is a trainable map's output, which learns through A x_s."""
     adapter_dtype = lora_A.dtype
     s_t = F.linear(apply_dropout(x.to(adapter_dtype), dropout_mask, dropout_p), lora_A)
     s_s = None
     if source is not None:
-        xs = source.detach().to(adapter_dtype)
+        xs = (source if source_grad else source.detach()).to(adapter_dtype)
         s_s = F.linear(apply_dropout(xs, source_dropout_mask, dropout_p), lora_A)
     z = fuse(s_s, s_t, fusion, fusion_params, fusion_mask)
     return F.linear(z, lora_B) * scaling, s_t, s_s
+
+
+def attention_params(
+    fusion_params: Sequence[torch.Tensor], x: torch.Tensor, heads: int, p: float, keep: torch.Tensor | None = None
+) -> Sequence[torch.Tensor]:
+    """cross_attention's parameters with its heads and attention-probability dropout (``AttentionParams``),
+    the keep-mask (bool [..., heads, L, L]) drawn here when ``p > 0`` and none is given; one head and no
+    dropout: the plain parameters."""
+    if heads == 1 and p == 0.0:
+        return fusion_params
+    keep = keep if p > 0.0 else None
+    if p > 0.0 and keep is None:
+        length = x.shape[-2]
+        keep = torch.empty((*x.shape[:-2], heads, length, length), dtype=torch.bool, device=x.device)
+        keep = keep.bernoulli_(1.0 - p)
+    return AttentionParams(fusion_params, heads, keep, p)
 
 
 def flare_lora_reference(
@@ -127,13 +147,8 @@ def flare_lora_reference(
             dropout_mask = draw_dropout_mask(x, dropout_p)
         if source is not None and source_dropout_mask is None:
             source_dropout_mask = draw_dropout_mask(source, dropout_p)
-    if fusion == "cross_attention" and source is not None and (heads != 1 or attention_dropout_p > 0.0):
-        keep = attention_dropout_mask if attention_dropout_p > 0.0 else None
-        if attention_dropout_p > 0.0 and keep is None:
-            length = x.shape[-2]
-            keep = torch.empty((*x.shape[:-2], heads, length, length), dtype=torch.bool, device=x.device)
-            keep = keep.bernoulli_(1.0 - attention_dropout_p)
-        fusion_params = AttentionParams(fusion_params, heads, keep, attention_dropout_p)
+    if fusion == "cross_attention" and source is not None:
+        fusion_params = attention_params(fusion_params, x, heads, attention_dropout_p, attention_dropout_mask)
     w = dense_weight(weight, compute_dtype or x.dtype)
     update, s_t, s_s = lora_forward(
         x,

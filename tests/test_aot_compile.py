@@ -148,8 +148,13 @@ def test_covering_set_reaches_every_switch(all_specs):
     assert {s.signature["xt_ptr"] for s in all_specs if s.name == "flare_fwd_kernel"} == {"*bf16", "*fp16", "*fp32"}
     assert fwd("M") == {1}  # M = 1 became a constant somewhere; elsewhere M is a runtime i32
     assert {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"]) for s in all_specs if s.name == "flare_fwd_kernel"} == {
-        (16, 32), (32, 64), (32, 128), (64, 128), (128, 128)
+        (8, 32), (16, 32), (32, 64), (32, 128), (64, 128), (128, 128)
     }
+    # The split forward's down programs (SPLIT_K with LORA 2) with fp32 products of 16-bit and of
+    # dropped-out activations (lora_mma's two TF32 dots and dropped_lora_mma).
+    down = {(s.signature["xt_ptr"], s.constexprs["DROPOUT"]) for s in all_specs if s.name == "flare_fwd_kernel"
+            and s.constexprs["SPLIT_K"] and s.constexprs["LORA"] == 2 and s.constexprs["LORA_DTYPE"] == "tl.float32"}
+    assert {("*bf16", True), ("*bf16", False)} <= down
     for name in ("lora_down_kernel", "lora_reduce_kernel", "lora_up_kernel"):
         assert {json.loads(v) for v in seen[(name, "DROPOUT")]} == {True, False}
     up = {json.loads(v) for v in seen[("lora_up_kernel", "LORA_DTYPE")]}

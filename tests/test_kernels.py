@@ -8,9 +8,12 @@ import dataclasses
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import cases
 from cases import Case
+from flare_kernels.kernels.common import tf32_hi
 from flare_kernels.ops import launch
 
 FUSIONS = ("none", "add", "mul", "add_relu", "matmul", "matmul_relu", "cross_attention")
@@ -90,6 +93,11 @@ SPLIT_CASES = [
     dataclasses.replace(BASE, fusion="none", source=False),
     dataclasses.replace(BASE, fusion="cross_attention", m=24, seq=8, dtype=torch.bfloat16, adapter=torch.float32),
     dataclasses.replace(BASE, k=160, blocksize=128, dtype=torch.float16),
+    # fp32 adapters over 16-bit activations: split, the down-projection runs in programs of its own
+    dataclasses.replace(BASE, m=3, dtype=torch.bfloat16, adapter=torch.float32, dropout=0.2),
+    # above 64 rows (a grid on half the GPU or less is split), one stream and two
+    dataclasses.replace(BASE, m=65, fusion="none", source=False, dtype=torch.bfloat16),
+    dataclasses.replace(BASE, m=70, dropout=0.2, dtype=torch.bfloat16, adapter=torch.float32),
 ]
 
 
@@ -101,6 +109,30 @@ def test_split_forward_and_dx_match_reference(case, device, monkeypatch):
     monkeypatch.setattr(launch, "SPLIT_PROGRAMS_PER_SM", 64)
     for fuse_down in (True, False):
         monkeypatch.setattr(launch, "FUSE_DOWN_DEFAULT", fuse_down)
+        check_against_reference(case, device)
+
+
+EIGHT_ROW_CASES = [
+    dataclasses.replace(BASE, m=10, dtype=torch.bfloat16, adapter=torch.float32, dropout=0.2),
+    dataclasses.replace(BASE, m=3, fusion="mul", dtype=torch.bfloat16),
+    dataclasses.replace(BASE, m=5, fusion="add", k=160, blocksize=128),
+]
+
+
+@pytest.mark.parametrize("case", EIGHT_ROW_CASES, ids=lambda c: c.id)
+def test_eight_row_stacked_tiles_match_reference(case, device, monkeypatch):
+    """Decode's 8-row tiles per stream (both streams one 16-row MMA operand), forced under the
+    interpreter: split over K (the down-projection in programs of its own), and unsplit, where
+    the launcher widens them to 16 rows."""
+    gemm_tiles = launch._gemm_tiles
+
+    def eight_rows(rows, two_streams, target, **kwargs):
+        tiles = gemm_tiles(rows, two_streams, target, **kwargs)
+        return tiles._replace(block_m=8) if two_streams else tiles
+
+    monkeypatch.setattr(launch, "_gemm_tiles", eight_rows)
+    for per_sm in (64, 0):
+        monkeypatch.setattr(launch, "SPLIT_PROGRAMS_PER_SM", per_sm)
         check_against_reference(case, device)
 
 
@@ -137,3 +169,29 @@ def test_llama_q_proj_shape_on_gpu(m, fusion, device):
     """Llama 3.1 8B q_proj (4096 x 4096), r = 8, bf16, sequences of 128 tokens."""
     case = Case(m=m, k=4096, n=4096, r=8, fusion=fusion, dtype=torch.bfloat16, seq=min(m, 128))
     check_against_reference(case, device)
+
+
+@triton.jit
+def _tf32_hi_kernel(v_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tf32_hi(tl.load(v_ptr + offs)))
+
+
+def test_tf32_split_of_fp32_adapter_products(device):
+    """lora_mma's fp32-adapter product against a 16-bit operand (GPU: two TF32 dots) rests on
+    tf32_hi: a_hi holds a's 10 high mantissa bits (exact in TF32), a - a_hi is exact in fp32 and
+    at most 2**-10 |a|, so a_hi b + tf32(a - a_hi) b is a b to about 2**-21 for a bf16 b."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4096, generator=g) * torch.logspace(-20, 20, 4096)
+    a_hi = torch.empty_like(a, device=device)
+    _tf32_hi_kernel[(1,)](a.to(device), a_hi, N=4096)
+    a_hi = a_hi.cpu()
+    assert torch.all(a_hi.view(torch.int32) & 0x1FFF == 0)
+    lo = a - a_hi
+    assert torch.equal(a_hi + lo, a)
+    assert torch.all(lo.abs() <= a.abs() * 2.0**-10)
+    # TF32 rounding of the low part (nearest, 10 mantissa bits), products of TF32 x bf16 exact in fp32
+    lo_tf32 = ((lo.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+    b = torch.randn(4096, generator=g).to(torch.bfloat16).double()
+    approx = a_hi.double() * b + lo_tf32.double() * b
+    assert torch.all((approx - a.double() * b).abs() <= (a.double() * b).abs() * 2.0**-21)

@@ -163,15 +163,17 @@ def test_describe_launch_counts_the_ops_flops():
     from benchmarks.static.report import describe_launch
     from flare_kernels.ops.plan import HOPPER, CallSpec, launch_plan
 
-    shape = SHAPES["llama3.1-8b.q"]
-    # 96 rows: the one-pass fused forward (decode sizes split K; 128 rows and up take the dequant route)
+    # 96 rows on gate_up (224 programs): the one-pass fused forward (decode sizes and grids on half
+    # the GPU split K; 128 rows and up take the dequant route)
+    shape = SHAPES["llama3.1-8b.gate_up"]
     call = CallSpec(m=96, k=shape.k, n=shape.n, r=16, adapter_dtype=torch.bfloat16)
     [fwd] = launch_plan(call, HOPPER)
     work = describe_launch(fwd)
     assert work["flops"] == counts.flops(Case("flare_add_relu", shape, 16, 96, "fwd"))
     assert work["per_pass"] == fwd.constexprs["BLOCK_N"] * fwd.constexprs["BLOCK_K"] and not work["per_elem"]
     assert work["iterations"] == math.ceil(shape.k / fwd.constexprs["BLOCK_K"])
-    down = next(ln for ln in launch_plan(CallSpec(m=64, k=shape.k, n=shape.n, adapter_dtype=torch.float32), HOPPER)
+    # fp32 adapters unsplit (split over K the down-projection runs in the forward's own programs)
+    down = next(ln for ln in launch_plan(CallSpec(m=96, k=shape.k, n=shape.n, adapter_dtype=torch.float32), HOPPER)
                 if ln.name == "lora_down_kernel")  # fmt: skip
     assert describe_launch(down)["per_elem"]
 

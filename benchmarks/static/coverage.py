@@ -63,7 +63,8 @@ def covering_specs() -> list[CallSpec]:
     # Flags, spread over the tile classes and combined: bias, dropout, plain absmax, blocksize
     # 256, K off the tile and off 16, K off the 256 blocksize, one stream (plain LoRA), the
     # source stream fused without its output, an fp32 adapter under 16-bit activations (the
-    # down-projection leaves the K loop; the LoRA products run as 3xTF32).
+    # down-projection leaves the K loop, or split over K runs in programs of its own; the LoRA
+    # products run as 3xTF32, or two TF32 dots against 16-bit activations).
     calls += [
         replace(base, m=1, k=UNALIGNED_K, nested=False, dtype=torch.float16),
         replace(base, m=16, bias=True, dropout=True, nested=False, fusion="mul"),
@@ -74,6 +75,9 @@ def covering_specs() -> list[CallSpec]:
         replace(base, m=96, source=False, fusion="none"),
         replace(base, m=16, source_out=False),
         replace(base, m=16, adapter_dtype=torch.float32, fusion="mul"),
+        # decode's 8-row stacked tiles with the down-projection's own programs: fp32 products of
+        # dropped-out (fp32) activations
+        replace(base, m=1, dropout=True, adapter_dtype=torch.float32),
         replace(base, m=96, dropout=True, adapter_dtype=torch.float32),
     ]
     # The dequant route's kernels: element-wise and per-row dequantization, each activation dtype,

@@ -131,19 +131,48 @@ def mma(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def tf32_hi(v):
+    """fp32 v truncated to TF32 (its 10 high mantissa bits): v - tf32_hi(v) is exact in fp32 and at
+    most 2**-10 |v|."""
+    return (v.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def lora_mma(a, b, acc, LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + a @ b for a LoRA-branch product, in the adapter's precision (as PEFT computes it).
 
     16-bit adapters: both operands rounded to that dtype, tensor-core dot. fp32 adapters: fp32
-    products, on the GPU as 3xTF32 (about fp32 accuracy on tensor cores, 3 TF32 dots; the
-    launchers keep such products out of the base GEMM's inner loop, where they would cost more
-    than the base tile itself).
+    products, on the GPU as 3xTF32 (about fp32 accuracy on tensor cores, 3 TF32 dots, 2 where a is
+    16-bit; the launchers keep such products out of the base GEMM's inner loop, where
+    they would cost more than the base tile itself).
     """
     if LORA_DTYPE == tl.float32:
         if INTERPRET:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+        a32, b32 = a.to(tl.float32), b.to(tl.float32)
+        if a.dtype != tl.float32:
+            # A 16-bit a (activations) is exact in TF32 (10 mantissa bits), so of 3xTF32's three
+            # dots (a_hi b_hi + a_hi b_lo + a_lo b_hi) one is zero and a needs no split: two dots.
+            # The split-K forward's down programs with fp32 adapters: 544 -> 258 loop instructions
+            # (sm_90, triton 3.9, M = 1); the error stays 3xTF32's, about 2**-21 |a b|. (Not for
+            # a 16-bit b: lora_reduce_kernel's dA then spilled 8 to 12 bytes.)
+            b_hi = tf32_hi(b32)
+            acc = tl.dot(a32, b32 - b_hi, acc, input_precision="tf32")
+            return tl.dot(a32, b_hi, acc, input_precision="tf32")
+        return tl.dot(a32, b32, acc, input_precision="tf32x3")
     return mma(to_dtype(a, LORA_DTYPE, INTERPRET), to_dtype(b, LORA_DTYPE, INTERPRET), acc, INTERPRET)
+
+
+@triton.jit
+def dropped_lora_mma(x, keep, a, acc, keep_scale, LORA_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + drop(x) @ a, inverted dropout by the keep-mask tile ``keep``. fp32 adapters: dropped
+    entries zeroed in x's dtype and the scale applied to the product, so 16-bit activations stay
+    exact in TF32 and the product takes lora_mma's two dots, not 3xTF32's three. 16-bit adapters:
+    x * scale rounded to the adapter dtype first, as PEFT's dropout output is."""
+    if LORA_DTYPE == tl.float32:
+        kept = tl.where(keep != 0, x, tl.zeros_like(x))
+        return acc + lora_mma(kept, a, tl.zeros_like(acc), LORA_DTYPE, INTERPRET) * keep_scale
+    return lora_mma(tl.where(keep != 0, x.to(tl.float32) * keep_scale, 0.0), a, acc, LORA_DTYPE, INTERPRET)
 
 
 @triton.jit
@@ -171,6 +200,23 @@ def fuse_bwd(dz, s_src, s_tgt, FUSION: tl.constexpr):
         return tl.where(s_tgt <= 0, 0.0, dz), tl.where(s_src <= 0, 0.0, dz)
     else:
         return dz, dz * 0.0
+
+
+@triton.jit
+def stacked_rows(t_ptr, stride_tm, stride_tk, s_ptr, stride_sm, stride_sk, rows, is_t, offs_k, mask):
+    """Two [M, K] tensors read as one [2 * BLOCK_M, BLOCK_K] MMA operand: row j holds row rows[j] of
+    the target (is_t[j], the odd rows) or of the source (the even ones). One load through selected
+    pointers, which the pipeliner copies straight into shared memory (two loads and a join cost
+    16 shared-memory stores and 16 byte permutes more per step: sm_90, triton 3.9, M = 1)."""
+    t = t_ptr + rows[:, None] * stride_tm + offs_k[None, :] * stride_tk
+    s = s_ptr + rows[:, None] * stride_sm + offs_k[None, :] * stride_sk
+    return tl.load(tl.where(is_t[:, None], t, s), mask=mask, other=0)
+
+
+@triton.jit
+def unstack_rows(t, BLOCK_M: tl.constexpr, COLS: tl.constexpr):
+    """(source, target) [BLOCK_M, COLS] tiles of an MMA result over stacked_rows' rows."""
+    return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, COLS)), (0, 2, 1)))
 
 
 @triton.jit

@@ -104,6 +104,15 @@ STACK_STREAMS = True
 #            0.36 / 0.40 and 0.30 / 0.38).
 DX_DECODE_TILES = Tiles(16, 32, 64, 1, 2)
 DX_SMALL_TILES = Tiles(64, 64, 128, 4, 4)
+# The one-stream forward (plain LoRA) above 64 rows, 16-bit activations, blocks inside rows: 128
+# deep at 2 stages. Static report, sm_90, Llama 3.1 8B q_proj, M = 512, triton 3.6 / 3.9,
+# warp-instructions per weight with bf16 adapters 0.29 / 0.27, fp32 0.26 / 0.25 (64 deep at 3
+# stages: 0.32 / 0.37 and 0.29 / 0.34). A 4096 x 512 output is 128 such tiles, 4 SMs idle, and
+# the launch tensor-bound at a predicted 22 us (H200). Tiles are powers of two, so more programs
+# means 256: 64-row tiles dequantize W twice as often (issue-bound, predicted 36 us), 128 x 64
+# tiles run 0.49 warp-instructions per weight, and two K splits add 2 x 16.8 MB of fp32 partial
+# sums to write and read back.
+FWD_ONE_STREAM_TILES = Tiles(128, 128, 128, 8, 2)
 GEMM_ROUTE = os.environ.get("FLARE_KERNELS_GEMM_ROUTE", "auto")
 GEMM_ROUTES = ("auto", "fused", "dequant")
 DEQUANT_MIN_ROWS = 128
@@ -142,10 +151,13 @@ def _gemm_tiles(rows: int, two_streams: bool, target: Target, row_blocks: bool =
         # One warp per program, 16 x 32 x 64 tiles, split over K (forward) to 512 programs on a
         # 4096 x 4096 layer: the two streams stack into one 32-row MMA with no warp repeating
         # another's tensor work (forward.py, STACK). Static report, sm_90, M = 16, two streams,
-        # fp32 adapters, H200 (triton 3.6 / 3.9): 0.30 / 0.29 warp-instructions per weight,
-        # 8.1 / 7.9 us (against 16 x 32 x 128 at 4 warps unstacked and unsplit: 1.02 / 0.88 and
-        # 15 / 17 us); 2 warps: 0.36 / 0.41; 4 warps 128 deep: 0.44 / 0.46.
-        return Tiles(16, 32, 64, 1, 4)
+        # fp32 adapters, H200 (triton 3.6 / 3.9): 0.29 / 0.29 warp-instructions per weight
+        # (against 16 x 32 x 128 at 4 warps unstacked and unsplit: 1.02 / 0.88); 2 warps: 0.36 /
+        # 0.41; 4 warps 128 deep: 0.44 / 0.46.
+        # Up to 8 rows, 8 per stream (a 16-row stacked MMA, half the padded tensor work): M = 1,
+        # 618 -> 501 and 591 -> 482 loop instructions per 2048 weights (one stacked load of x
+        # instead of two and a join included), 0.24 / 0.24 warp-instructions per weight.
+        return Tiles(8 if rows <= 8 and two_streams else 16, 32, 64, 1, 4)
     if rows <= 64:
         # 128-wide N tiles (split over K to 320-384 programs): static report, sm_90, M = 64,
         # triton 3.6 / 3.9, warp-instructions per weight, two streams with fp32 / bf16 adapters:
@@ -222,7 +234,8 @@ def _check_dtype(x: torch.Tensor) -> None:
 SPLIT_PROGRAMS_PER_SM = 2
 
 
-def _k_splits(k: int, block_k: int, programs: int, target: Target, one_warp: bool = False) -> tuple[int, int]:
+def _k_splits(k: int, block_k: int, programs: int, target: Target, one_warp: bool = False,
+              fill_only: bool = False) -> tuple[int, int]:
     """(splits, columns per split) for a launch of ``programs`` programs before splitting K:
     enough splits for SPLIT_PROGRAMS_PER_SM programs per SM, each a whole number of BLOCK_K steps.
 
@@ -230,8 +243,18 @@ def _k_splits(k: int, block_k: int, programs: int, target: Target, one_warp: boo
     from at most min(4, resident warps) warps a clock, and its busiest share of programs sets the
     time. dX at M = 16 on 4096 x 4096 (64 programs): 8 splits, 512 programs, where two per SM gave
     6 splits and 384 programs, three warps on the busiest SM (static report, H200: 4.2 against 6.4 us).
+
+    ``fill_only`` (the GEMMs above 64 rows, whose fp32 partial sums grow with M): a grid on at
+    most half the SMs is split to one program per SM (half SPLIT_PROGRAMS_PER_SM), a larger one
+    not. Static report, H200, Llama 3.1 8B q_proj, triton 3.9, fp32 adapters: plain LoRA's forward
+    at M = 128, 32 programs: 23.3 -> 12.7 us; FLARE's at M = 96: 25.5 -> 23.2; dX at M = 128, 64
+    programs: 18.7 -> 16.5; but dX at M = 256, 128 programs split in two: 18.2 -> 21.2 us.
     """
-    if one_warp and SPLIT_PROGRAMS_PER_SM < 4:  # (the tests raise SPLIT_PROGRAMS_PER_SM to force splits)
+    if fill_only:
+        if 2 * programs > target.num_sms * max(1, SPLIT_PROGRAMS_PER_SM // 2):
+            return 1, k
+        want = triton.cdiv(max(1, SPLIT_PROGRAMS_PER_SM // 2) * target.num_sms, programs)
+    elif one_warp and SPLIT_PROGRAMS_PER_SM < 4:  # (the tests raise SPLIT_PROGRAMS_PER_SM to force splits)
         want = max(1, 4 * target.num_sms // programs)
     else:
         want = triton.cdiv(SPLIT_PROGRAMS_PER_SM * target.num_sms, programs)
@@ -470,11 +493,32 @@ def forward(
     if m == 0:
         return y, y_s, s_t, s_s
     per_token = is_per_token(fusion)
-    # In the base K loop the down-projection must be as cheap as the base tile's dot: same dtype
+    row_blocks = _row_blocks(w)
+    tiles = _gemm_tiles(m, two_streams=source_out, target=target, row_blocks=row_blocks,
+                        wide=x.dtype == torch.float32)
+    if m > 64 and not source_out and row_blocks and x.dtype != torch.float32 and not target.interpret:
+        tiles = FWD_ONE_STREAM_TILES
+    # Both streams' rows in one MMA (kernels/forward.py, STACK) where the base products of both
+    # are wanted and a stacked tile is at most 64 rows.
+    stack = STACK_STREAMS and source_out and tiles.block_m <= 32
+    m_tiles, n_tiles = triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n)
+    # Decode sizes split K until the launch has two programs per SM (a 4096-wide layer has 128
+    # 32-wide N tiles: 4 SMs idle, and a second program per SM to hide latency), more rows only
+    # a grid on half the GPU or less; the splits' partial sums go to fp32 workspaces and a second
+    # kernel adds them in order.
+    splits, per_split = _k_splits(k, tiles.block_k, m_tiles * n_tiles, target, tiles.num_warps == 1,
+                                  fill_only=m > 64)
+    if tiles.block_m < 16 and not (stack and splits > 1):
+        # 8-row tiles only as the stacked split-K operand (the one-pass epilogue's rank-r product
+        # needs 16 rows): the same single row tile, 16 rows high.
+        tiles = tiles._replace(block_m=16)
+        m_tiles = triton.cdiv(m, 16)
+    # The down-projection in the base K loop must be as cheap as the base tile's dot: same dtype
     # (an fp32 adapter against 16-bit activations runs its fp32 products in their own pass).
-    same_precision = lora_A.dtype == x.dtype
+    # Split over K it runs in programs of its own, which read no weight and have time to spare.
+    cheap_down = lora_A.dtype == x.dtype or splits > 1
     # With a separate source_base the GEMM's source rows are not the fused ones: s_s needs its pass.
-    fuse_down = (FUSE_DOWN_DEFAULT if fuse_down is None else fuse_down) and per_token and same_precision
+    fuse_down = (FUSE_DOWN_DEFAULT if fuse_down is None else fuse_down) and per_token and cheap_down
     fuse_down = fuse_down and source_base is None
     dropout = dropout_p > 0.0
     z = None
@@ -485,20 +529,11 @@ def forward(
         if not per_token:
             z = _sequence_fuse(s_s, s_t, fusion, params, seq_len, fusion_mask)
 
-    row_blocks = _row_blocks(w)
-    tiles = _gemm_tiles(m, two_streams=source_out, target=target, row_blocks=row_blocks,
-                        wide=x.dtype == torch.float32)
     mask_t = _as_u8(masks[0], s_t.view(torch.uint8))
     mask_s = _as_u8(masks[1], mask_t)
     xs = x if source is None else (source if source_base is None else source_base)
-    # Both streams' rows in one MMA (kernels/forward.py, STACK) where the base products of both
-    # are wanted and a stacked tile is at most 64 rows.
-    stack = STACK_STREAMS and source_out and tiles.block_m <= 32
-    programs = triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n)
-    # Decode sizes split K until the launch has two programs per SM (a 4096-wide layer has 128
-    # 32-wide N tiles: 4 SMs idle, and a second program per SM to hide latency); the splits'
-    # partial sums go to fp32 workspaces and a second kernel adds them in order.
-    splits, per_split = _k_splits(k, tiles.block_k, programs, target, tiles.num_warps == 1) if m <= 64 else (1, k)
+    # Split over K, the fused down-projection adds one column of programs (one per row tile and split).
+    programs = m_tiles * (n_tiles + (1 if fuse_down and splits > 1 else 0))
     lora = 2 if fuse_down else 1
     s_in_t, s_in_s = (s_t if z is None else z), (s_t if s_s is None else s_s)
     if splits > 1:
@@ -643,9 +678,8 @@ def _dx_fused(call: LoraCall, dy, dx, s_t, s_s, ds_t, ds_s, fused_dz: bool, need
     elif m <= 64 and row_blocks and not target.interpret:  # across rows: 352,256 B of shared memory at 4 stages
         tiles = DX_SMALL_TILES
     programs = triton.cdiv(m, tiles.block_m) * triton.cdiv(k, tiles.block_k)
-    # dX's grid runs over K tiles and its loop over N: at decode sizes N is split until the launch
-    # has two programs per SM, as the forward splits K.
-    splits, per_split = _k_splits(n, tiles.block_n, programs, target, tiles.num_warps == 1) if m <= 64 else (1, n)
+    # dX's grid runs over K tiles and its loop over N: N is split as the forward splits K.
+    splits, per_split = _k_splits(n, tiles.block_n, programs, target, tiles.num_warps == 1, fill_only=m > 64)
     mask_t = _as_u8(masks[0], ds_t.view(torch.uint8))
     lora = 2 if fused_dz else 1
     switches = dict(

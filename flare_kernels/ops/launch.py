@@ -158,11 +158,15 @@ def _gemm_tiles(rows: int, two_streams: bool, target: Target, row_blocks: bool =
         # 618 -> 501 and 591 -> 482 loop instructions per 2048 weights (one stacked load of x
         # instead of two and a join included), 0.24 / 0.24 warp-instructions per weight.
         return Tiles(8 if rows <= 8 and two_streams else 16, 32, 64, 1, 4)
-    if rows <= 64:
+    if rows <= 64 or (two_streams and rows < DEQUANT_MIN_ROWS):
         # 128-wide N tiles (split over K to 320-384 programs): static report, sm_90, M = 64,
         # triton 3.6 / 3.9, warp-instructions per weight, two streams with fp32 / bf16 adapters:
         # 0.26 / 0.27 and 0.25 / 0.27; one stream 0.23 (64-wide tiles at 4 stages: 0.35 / 0.41,
         # 0.38 / 0.44 and 0.37; 64 x 128-deep: 0.32 / 0.36).
+        # Two streams keep this class (stacked, split over K) up to the dequant route: M = 96,
+        # triton 3.6 / 3.9, fp32 adapters: 0.23 / 0.23 warp-instructions per weight, predicted
+        # 20.0 / 20.6 us, against 0.36 / 0.39 and 21.5 / 23.2 us for the one-stream class's 64-row
+        # tiles at 8 warps (bf16 adapters: 19.6 / 20.1 against 18.5 / 21.8 us).
         # Blocks across rows (element-wise dequantization) need more shared memory: 243,712 B for
         # this tile at 3 stages (an H100 has 232,448 B), and 194,560 B for a 64-wide one at 4 (an
         # A100 has 166,912 B): 64 wide at 2 stages.
@@ -503,11 +507,11 @@ def forward(
     stack = STACK_STREAMS and source_out and tiles.block_m <= 32
     m_tiles, n_tiles = triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n)
     # Decode sizes split K until the launch has two programs per SM (a 4096-wide layer has 128
-    # 32-wide N tiles: 4 SMs idle, and a second program per SM to hide latency), more rows only
-    # a grid on half the GPU or less; the splits' partial sums go to fp32 workspaces and a second
-    # kernel adds them in order.
+    # 32-wide N tiles: 4 SMs idle, and a second program per SM to hide latency), as do the
+    # stacked tiles up to 127 rows; more rows only a grid on half the GPU or less. The splits'
+    # partial sums go to fp32 workspaces and a second kernel adds them in order.
     splits, per_split = _k_splits(k, tiles.block_k, m_tiles * n_tiles, target, tiles.num_warps == 1,
-                                  fill_only=m > 64)
+                                  fill_only=m > 64 and not stack)
     if tiles.block_m < 16 and not (stack and splits > 1):
         # 8-row tiles only as the stacked split-K operand (the one-pass epilogue's rank-r product
         # needs 16 rows): the same single row tile, 16 rows high.

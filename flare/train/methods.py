@@ -77,12 +77,7 @@ def check_combination(cfg) -> None:
             f"--eval-mode {cfg.eval_mode} scores the stage-2 adapter, which --stages {','.join(cfg.stages)} does not "
             "train; a stage-1 run is scored with --eval-mode zero-shot or translate-test"
         )
-    _check_mt_target(cfg.method, mode)
-    if mode == "fused" and cfg.method == "lora":
-        raise ValueError(
-            "--eval-mode fused: --method lora trains without English, so there is nothing to fuse; use --eval-mode "
-            "target (its own) or a method that uses the English (flare, input-fusion, flare-mt)"
-        )
+    check_method_mode(cfg.method, mode)
     scores = "stage2" in cfg.stages or mode in STAGE1_MODES
     if cfg.eval_source == "none" and uses_english(cfg.method, mode) and scores:
         why = "--eval-mode " + (cfg.eval_mode if cfg.eval_mode != "auto" else f"auto (= {mode} for {cfg.method})")
@@ -96,7 +91,14 @@ def check_combination(cfg) -> None:
         )
 
 
-def _check_mt_target(method: str, mode: str) -> None:
+def check_method_mode(method: str, mode: str) -> None:
+    """Refuse (one line) an eval mode the method cannot be scored in: training a run, rescoring one,
+    building its evaluation inputs."""
+    if mode == "fused" and method == "lora":
+        raise ValueError(
+            "--eval-mode fused: --method lora trains without English, so there is nothing to fuse; use --eval-mode "
+            "target (its own) or a method that uses the English (flare, input-fusion, flare-mt)"
+        )
     # A FLARE MT model computes its source from the target text on every call (FlareModel.forward), so
     # "target" would still fuse; the adapter without its source is not a mode evaluation offers.
     if method == "flare-mt" and mode == "target":
@@ -203,8 +205,7 @@ def eval_inputs(method: str, mode: str, max_length: int) -> Inputs:
         return Inputs(mode, use_source=True, max_length=max_length)
     if method == "input-fusion":
         return Inputs(mode, use_source=False, max_length=2 * max_length, transform=concatenated)
-    if method == "lora":
-        raise ValueError("--eval-mode fused: --method lora trains without English; use --eval-mode target")
+    check_method_mode(method, mode)
     # flare-mt: the target rows alone; evaluation finds the model's MT source (flare.train.mt.featurizer_for)
     return Inputs(mode, use_source=False, max_length=max_length, transform=target_only)
 
@@ -221,9 +222,4 @@ def check_rescoring(cfg, mode: str, run_dir) -> None:
             f"--eval-mode {mode} scores a stage-2 adapter, and {run_dir} trained stage 1 only: score it with "
             "--eval-mode zero-shot or translate-test"
         )
-    _check_mt_target(cfg.method, mode)
-    if mode == "fused" and cfg.method == "lora":
-        raise ValueError(
-            f"--eval-mode fused: {run_dir} trained --method lora, without English, so there is nothing to fuse; "
-            "use --eval-mode target"
-        )
+    check_method_mode(cfg.method, mode)

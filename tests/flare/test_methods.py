@@ -230,7 +230,7 @@ def test_zero_shot_and_translate_test_score_the_stage1_model(runs, tmp_path, cap
     assert scored["per_language"] == zs.test.per_language and scored["eval_mode"] == "zero-shot"
     capsys.readouterr()
     for run, mode, message in (
-        (lora_dir, "fused", "trained --method lora, without English"),
+        (lora_dir, "fused", "--method lora trains without English"),
         (zs.output_dir, "target", "trained stage 1 only: score it with --eval-mode zero-shot"),
     ):
         assert main(["eval", "--run-dir", str(run), "--eval-mode", mode]) == EXIT_BAD_INPUT

@@ -28,34 +28,10 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tiny_mt(tmp_path_factory):
-    """A saved tiny NLLB-style checkpoint (real NllbTokenizer class, M2M100 architecture)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
+    """The built-in tiny NLLB-style checkpoint (real NllbTokenizer class, M2M100 architecture)."""
+    from flare.default.build import save_tiny_nllb
 
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    bpe.train_from_iterator(
-        TEXTS * 3, trainers.BpeTrainer(vocab_size=160, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
-    )
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in state["merges"]]
-    tok = NllbTokenizer(vocab=state["vocab"], merges=merges)
-    from flare.default.build import TINY_NLLB
-
-    cfg = M2M100Config(
-        vocab_size=len(tok),
-        **TINY_NLLB,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = M2M100ForConditionalGeneration(cfg)
-    path = tmp_path_factory.mktemp("tiny-nllb")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_nllb(tmp_path_factory.mktemp("tiny-nllb") / "model", seed=0)
 
 
 class Recorder:

@@ -585,15 +585,23 @@ def forward(
     return y, y_s, s_t, s_s
 
 
+def _epilogue_tiles(m: int, width: int, target: Target) -> tuple[int, int, int]:
+    """(block_m, row tiles, column tile width) of a split GEMM's epilogue kernel over [m, width]:
+    narrow columns where rows are few, for two programs per SM (M = 16: 4096 / 16 = 256). 16 is a
+    tl.dot's narrowest tile: 8-wide ones with a CUDA-core rank-r product were predicted slower with
+    bf16 adapters (dX's epilogue at M = 1: 0.33 -> 0.84 us, H200, triton 3.9)."""
+    block_m = 16 if m <= 16 else 32
+    m_tiles = triton.cdiv(m, block_m)
+    block_w = next((bw for bw in (128, 64, 32) if m_tiles * triton.cdiv(width, bw) >= 2 * target.num_sms), 16)
+    return block_m, m_tiles, block_w
+
+
 def _splitk_epilogue(parts, s_parts, s_fin, y, y_s, bias, lora_B, scaling, splits: int, r: int, target: Target,
                      lora_switches: dict) -> None:  # fmt: skip
     """The split-K forward's second kernel: the partial sums (``parts``; with LORA 2 also
     ``s_parts``, written to ``s_fin``) added in order, then the LoRA term and the bias."""
     m, n = y.shape
-    block_m = 16 if m <= 16 else 32
-    m_tiles = triton.cdiv(m, block_m)
-    # Narrow N tiles where rows are few: two programs per SM (M = 16: 4096 / 16 = 256).
-    block_n = next((bn for bn in (128, 64, 32) if m_tiles * triton.cdiv(n, bn) >= 2 * target.num_sms), 16)
+    block_m, m_tiles, block_n = _epilogue_tiles(m, n, target)
     submit(Launch(
         flare_fwd_splitk_epilogue_kernel,
         (m_tiles, triton.cdiv(n, block_n)),
@@ -720,10 +728,7 @@ def _dx_fused(call: LoraCall, dy, dx, s_t, s_s, ds_t, ds_s, fused_dz: bool, need
     ))  # fmt: skip
     if splits == 1:
         return
-    block_m = 16 if m <= 16 else 32
-    m_tiles = triton.cdiv(m, block_m)
-    # Narrow K tiles where rows are few: two programs per SM (M = 16: 4096 / 16 = 256).
-    block_k = next((bk for bk in (128, 64, 32) if m_tiles * triton.cdiv(k, bk) >= 2 * target.num_sms), 16)
+    block_m, m_tiles, block_k = _epilogue_tiles(m, k, target)
     submit(Launch(
         flare_dx_splitn_epilogue_kernel,
         (m_tiles, triton.cdiv(k, block_k)),
